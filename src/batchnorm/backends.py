@@ -1,0 +1,304 @@
+"""Kernels for batch norm and the switch that picks which implementation runs them.
+
+Every backend runs the same per-channel math (``docs/math.md``, notation below):
+
+    x : input (N, C, *)           M  : values per channel, N * prod(*)
+    mu, var : batch mean and biased variance per channel (C,)
+    r = 1 / sqrt(var + eps)       gamma, beta : weight and bias (C,)
+    y = x * a + b,  a = gamma * r,  b = beta - mu * a          (normalize + affine in one pass)
+
+and the backward in its compact per-channel form (training):
+
+    s1 = sum(dy),  s2 = sum(dy * (x - mu))                     (the two reductions, one pass)
+    dbeta = s1,  dgamma = s2 * r
+    dx = dy * a + x * p + q,  p = -a * r^2 * s2 / M,  q = -a * s1 / M - mu * p
+
+Backends:
+    ``"eager"``    plain tensor operations, one pass per reduction and per elementwise map.
+    ``"compiled"`` ``torch.compile`` of the same functions (fused C++ on CPU, Triton on GPU).
+    ``"auto"``     the faster of the two for the input at hand.
+
+The active backend is process-wide: :func:`set_backend`, :func:`get_backend`,
+:func:`using_backend` and the environment variable ``BATCHNORM_BACKEND``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "eager", "compiled")
+_ENV_VAR = "BATCHNORM_BACKEND"
+
+# Below this many elements torch.compile's per-call overhead outweighs its fusion; measured on
+# 2 CPU cores (docs/benchmarks.md).
+_AUTO_COMPILED_MIN_NUMEL = 1 << 20
+
+
+def channel_shape(x: Tensor) -> tuple[int, ...]:
+    """Shape that broadcasts a per-channel vector (C,) against x (N, C, *): (1, C, 1, ..., 1)."""
+    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
+
+
+def reduce_dims(x: Tensor) -> list[int]:
+    """Every dimension of x (N, C, *) but the channel dimension 1."""
+    return [0, *range(2, x.dim())]
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """float16/bfloat16 inputs are normalized with float32 statistics, as torch does."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager kernels: the reference formulation, differentiable by autograd (double backward uses it)
+# ---------------------------------------------------------------------------------------------
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of x (N, C, *) -> ((C,), (C,)), in one pass."""
+    xc = x.to(compute_dtype(x))
+    if x.dim() == 2:
+        # (N, C) -> (C,): a reduction over dim 0 is slow in torch's kernels; var_mean over the
+        # transposed view walks rows instead.
+        var, mean = torch.var_mean(xc.t(), dim=1, correction=0)
+    else:
+        var, mean = torch.var_mean(xc, dim=reduce_dims(x), correction=0)
+    return mean, var
+
+
+def scale_shift(
+    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """r = 1/sqrt(var + eps), a = gamma * r, b = beta - mu * a; all (C,)."""
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = -mean * scale if bias is None else bias.to(scale.dtype) - mean * scale
+    return invstd, scale, shift
+
+
+def normalize(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """y = x * a + b with (C,) vectors broadcast over x (N, C, *); keeps x's dtype and layout."""
+    shape = channel_shape(x)
+    xc = x.to(scale.dtype)
+    y = torch.addcmul(shift.view(shape), xc, scale.view(shape))
+    return y.to(x.dtype)
+
+
+def forward_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training forward: returns (y, mu, var, r), statistics (C,) in the compute dtype."""
+    mean, var = batch_stats(x)
+    invstd, scale, shift = scale_shift(mean, var, weight, bias, eps)
+    return normalize(x, scale, shift), mean, var, invstd
+
+
+def forward_eval(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Inference forward with given statistics: returns (y, r)."""
+    cdt = compute_dtype(x)
+    invstd, scale, shift = scale_shift(mean.to(cdt), var.to(cdt), weight, bias, eps)
+    return normalize(x, scale, shift), invstd
+
+
+def grad_sums(dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """s1 = sum(dy), s2 = sum(dy * (x - mu)), both (N, C, *) -> (C,)."""
+    cdt = mean.dtype
+    dyc, xc = dy.to(cdt), x.to(cdt)
+    dims = reduce_dims(x)
+    shape = channel_shape(x)
+    if x.dim() == 2:
+        # (N, C) -> (C,): column sums as matrix-vector products, rows are contiguous.
+        sum_dy = dyc.sum(0)
+        sum_dy_xmu = (dyc * (xc - mean.view(shape))).sum(0)
+    else:
+        sum_dy = dyc.sum(dims)
+        sum_dy_xmu = (dyc * (xc - mean.view(shape))).sum(dims)
+    return sum_dy, sum_dy_xmu
+
+
+def backward_train(
+    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, need_input_grad: bool
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Training backward: returns (dx, dgamma, dbeta); dgamma = s2 * r, dbeta = s1."""
+    sum_dy, sum_dy_xmu = grad_sums(dy, x, mean)
+    grad_weight = sum_dy_xmu * invstd
+    if not need_input_grad:
+        return None, grad_weight, sum_dy
+    count = x.numel() // x.shape[1]
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    # dx = a * (dy - s1/M - (x - mu) * r^2 * s2/M) = dy * a + x * p + q
+    p = -scale * invstd * invstd * sum_dy_xmu / count
+    q = -scale * sum_dy / count - mean * p
+    shape = channel_shape(x)
+    cdt = mean.dtype
+    grad_input = dy.to(cdt) * scale.view(shape) + x.to(cdt) * p.view(shape) + q.view(shape)
+    return grad_input.to(x.dtype), grad_weight, sum_dy
+
+
+def backward_eval(
+    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, need_input_grad: bool
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Inference backward (statistics are constants): dx = dy * a, dgamma = s2 * r, dbeta = s1."""
+    sum_dy, sum_dy_xmu = grad_sums(dy, x, mean)
+    grad_weight = sum_dy_xmu * invstd
+    if not need_input_grad:
+        return None, grad_weight, sum_dy
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    grad_input = dy.to(invstd.dtype) * scale.view(channel_shape(x))
+    return grad_input.to(x.dtype), grad_weight, sum_dy
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """One implementation of the four batch-norm kernels."""
+
+    name: str
+    forward_train: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
+    forward_eval: Callable[..., tuple[Tensor, Tensor]]
+    backward_train: Callable[..., tuple[Tensor | None, Tensor, Tensor]]
+    backward_eval: Callable[..., tuple[Tensor | None, Tensor, Tensor]]
+
+
+EAGER = Kernels("eager", forward_train, forward_eval, backward_train, backward_eval)
+
+
+class _CompiledKernels:
+    """The eager kernels under ``torch.compile``, built on first use.
+
+    If compilation fails on this platform, every later call runs eagerly, after one warning.
+    """
+
+    def __init__(self) -> None:
+        self._kernels: Kernels | None = None
+        self._failed = False
+
+    def _build(self) -> Kernels:
+        if self._kernels is None:
+
+            def compile_(fn: Callable[..., object]) -> Callable[..., object]:
+                return torch.compile(fn, dynamic=True)
+
+            self._kernels = Kernels(
+                "compiled",
+                compile_(forward_train),  # type: ignore[arg-type]
+                compile_(forward_eval),  # type: ignore[arg-type]
+                compile_(backward_train),  # type: ignore[arg-type]
+                compile_(backward_eval),  # type: ignore[arg-type]
+            )
+        return self._kernels
+
+    def run(self, kernel: str, *args: object) -> object:
+        if not self._failed:
+            try:
+                return getattr(self._build(), kernel)(*args)
+            except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
+                self._failed = True
+                warnings.warn(
+                    f"batchnorm: the 'compiled' backend failed on this platform "
+                    f"({type(error).__name__}: {error}); falling back to 'eager'.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        return getattr(EAGER, kernel)(*args)
+
+    @property
+    def failed(self) -> bool:
+        return self._failed
+
+
+_COMPILED = _CompiledKernels()
+
+
+def _compiled_kernels() -> Kernels:
+    def bind(kernel: str) -> Callable[..., object]:
+        return lambda *args: _COMPILED.run(kernel, *args)
+
+    return Kernels(
+        "compiled",
+        bind("forward_train"),  # type: ignore[arg-type]
+        bind("forward_eval"),  # type: ignore[arg-type]
+        bind("backward_train"),  # type: ignore[arg-type]
+        bind("backward_eval"),  # type: ignore[arg-type]
+    )
+
+
+COMPILED = _compiled_kernels()
+
+# ---------------------------------------------------------------------------------------------
+# Selection
+# ---------------------------------------------------------------------------------------------
+
+_selected: str | None = None
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"unknown batchnorm backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def get_backend() -> str:
+    """Name of the active backend: set by :func:`set_backend`, else ``$BATCHNORM_BACKEND``, else
+    ``"auto"``."""
+    if _selected is not None:
+        return _selected
+    env = os.environ.get(_ENV_VAR)
+    if env is None or env == "":
+        return "auto"
+    try:
+        return _check_name(env)
+    except ValueError as error:
+        raise ValueError(f"{_ENV_VAR}={env!r}: {error}") from None
+
+
+def set_backend(name: str) -> str:
+    """Select the backend for every later call; returns the previous name.
+
+    Example:
+        >>> import batchnorm
+        >>> previous = batchnorm.set_backend("eager")
+        >>> batchnorm.get_backend()
+        'eager'
+        >>> _ = batchnorm.set_backend(previous)
+    """
+    global _selected
+    _check_name(name)
+    previous = get_backend()
+    _selected = name
+    return previous
+
+
+@contextlib.contextmanager
+def using_backend(name: str) -> Iterator[None]:
+    """Context manager: run the block with backend ``name``, then restore the previous one."""
+    global _selected
+    _check_name(name)
+    saved = _selected
+    _selected = name
+    try:
+        yield
+    finally:
+        _selected = saved
+
+
+def kernels_for(x: Tensor, *, create_graph: bool = False) -> Kernels:
+    """The kernels that run batch norm on ``x`` under the active backend.
+
+    Inside a ``torch.compile`` region and for double backward the eager kernels run: the outer
+    compiler fuses them itself, and a compiled kernel cannot be differentiated twice.
+    """
+    name = get_backend()
+    if create_graph or torch.compiler.is_compiling() or name == "eager":
+        return EAGER
+    if name == "compiled":
+        return COMPILED
+    return COMPILED if x.numel() >= _AUTO_COMPILED_MIN_NUMEL else EAGER
