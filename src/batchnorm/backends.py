@@ -125,6 +125,29 @@ def grad_sums(dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
     return sum_dy, sum_dy_xmu
 
 
+def input_grad_train(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    sum_dy: Tensor,
+    sum_dy_xmu: Tensor,
+    count: int,
+) -> Tensor:
+    """dx from the per-channel sums s1, s2 over ``count`` values (global counts for sync BN).
+
+    dx = a * (dy - s1/M - (x - mu) * r^2 * s2/M) = dy * a + x * p + q, one elementwise pass.
+    """
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    p = -scale * invstd * invstd * sum_dy_xmu / count
+    q = -scale * sum_dy / count - mean * p
+    shape = channel_shape(x)
+    cdt = mean.dtype
+    grad_input = dy.to(cdt) * scale.view(shape) + x.to(cdt) * p.view(shape) + q.view(shape)
+    return grad_input.to(x.dtype)
+
+
 def backward_train(
     dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, need_input_grad: bool
 ) -> tuple[Tensor | None, Tensor, Tensor]:
@@ -134,14 +157,8 @@ def backward_train(
     if not need_input_grad:
         return None, grad_weight, sum_dy
     count = x.numel() // x.shape[1]
-    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
-    # dx = a * (dy - s1/M - (x - mu) * r^2 * s2/M) = dy * a + x * p + q
-    p = -scale * invstd * invstd * sum_dy_xmu / count
-    q = -scale * sum_dy / count - mean * p
-    shape = channel_shape(x)
-    cdt = mean.dtype
-    grad_input = dy.to(cdt) * scale.view(shape) + x.to(cdt) * p.view(shape) + q.view(shape)
-    return grad_input.to(x.dtype), grad_weight, sum_dy
+    grad_input = input_grad_train(dy, x, weight, mean, invstd, sum_dy, sum_dy_xmu, count)
+    return grad_input, grad_weight, sum_dy
 
 
 def backward_eval(
