@@ -5,13 +5,14 @@ Every backend runs the same per-channel math (``docs/math.md``, notation below):
     x : input (N, C, *)           M  : values per channel, N * prod(*)
     mu, var : batch mean and biased variance per channel (C,)
     r = 1 / sqrt(var + eps)       gamma, beta : weight and bias (C,)
-    y = x * a + b,  a = gamma * r,  b = beta - mu * a          (normalize + affine in one pass)
+    y = (x - mu) * a + beta,  a = gamma * r                     (training: normalize + affine)
+    y = x * a + b,  b = beta - mu * a                           (inference: one multiply-add)
 
 and the backward in its compact per-channel form (training):
 
     s1 = sum(dy),  s2 = sum(dy * (x - mu))                     (the two reductions, one pass)
     dbeta = s1,  dgamma = s2 * r
-    dx = dy * a + x * p + q,  p = -a * r^2 * s2 / M,  q = -a * s1 / M - mu * p
+    dx = dy * a + (x - mu) * p + q,  p = -a * r^2 * s2 / M,  q = -a * s1 / M
 
 Backends:
     ``"eager"``    plain tensor operations, one pass per reduction and per elementwise map.
@@ -96,8 +97,18 @@ def forward_train(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Training forward: returns (y, mu, var, r), statistics (C,) in the compute dtype."""
     mean, var = batch_stats(x)
-    invstd, scale, shift = scale_shift(mean, var, weight, bias, eps)
-    return normalize(x, scale, shift), mean, var, invstd
+    invstd, scale, _ = scale_shift(mean, var, weight, bias, eps)
+    # y = (x - mu) * a + beta: centering first keeps the digits that x * a + b cancels when
+    # |mu| >> sigma (the batch's own statistics make that case common, e.g. unnormalized pixels).
+    shape = channel_shape(x)
+    cdt = mean.dtype
+    centered = x.to(cdt) - mean.view(shape)
+    y = (
+        centered * scale.view(shape)
+        if bias is None
+        else torch.addcmul(bias.to(cdt).view(shape), centered, scale.view(shape))
+    )
+    return y.to(x.dtype), mean, var, invstd
 
 
 def forward_eval(
@@ -114,14 +125,8 @@ def grad_sums(dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
     cdt = mean.dtype
     dyc, xc = dy.to(cdt), x.to(cdt)
     dims = reduce_dims(x)
-    shape = channel_shape(x)
-    if x.dim() == 2:
-        # (N, C) -> (C,): column sums as matrix-vector products, rows are contiguous.
-        sum_dy = dyc.sum(0)
-        sum_dy_xmu = (dyc * (xc - mean.view(shape))).sum(0)
-    else:
-        sum_dy = dyc.sum(dims)
-        sum_dy_xmu = (dyc * (xc - mean.view(shape))).sum(dims)
+    sum_dy = dyc.sum(dims)
+    sum_dy_xmu = (dyc * (xc - mean.view(channel_shape(x)))).sum(dims)
     return sum_dy, sum_dy_xmu
 
 
@@ -137,14 +142,17 @@ def input_grad_train(
 ) -> Tensor:
     """dx from the per-channel sums s1, s2 over ``count`` values (global counts for sync BN).
 
-    dx = a * (dy - s1/M - (x - mu) * r^2 * s2/M) = dy * a + x * p + q, one elementwise pass.
+    dx = a * (dy - s1/M - (x - mu) * r^2 * s2/M) = dy * a + (x - mu) * p + q,
+    p = -a * r^2 * s2 / M,  q = -a * s1 / M: one elementwise pass. Centering x before the
+    product keeps the digits that x * p - mu * p would cancel when |mu| >> sigma.
     """
     scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
     p = -scale * invstd * invstd * sum_dy_xmu / count
-    q = -scale * sum_dy / count - mean * p
+    q = -scale * sum_dy / count
     shape = channel_shape(x)
     cdt = mean.dtype
-    grad_input = dy.to(cdt) * scale.view(shape) + x.to(cdt) * p.view(shape) + q.view(shape)
+    centered = x.to(cdt) - mean.view(shape)
+    grad_input = torch.addcmul(torch.addcmul(q.view(shape), centered, p.view(shape)), dy.to(cdt), scale.view(shape))
     return grad_input.to(x.dtype)
 
 

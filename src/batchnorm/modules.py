@@ -63,6 +63,7 @@ class _BatchNormBase(nn.Module):
         device: Any = None,
         dtype: Any = None,
         *,
+        bias: bool = True,
         skip_nonfinite: bool = True,
     ) -> None:
         super().__init__()
@@ -83,7 +84,10 @@ class _BatchNormBase(nn.Module):
         self.batch_var = None
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -110,12 +114,13 @@ class _BatchNormBase(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}"
+            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
         )
 
     def _load_from_state_dict(
@@ -223,6 +228,7 @@ class BatchNorm(_BatchNormBase):
         momentum: weight of the batch in the running statistics, or None for the cumulative
             average. Default: 0.1.
         affine: learn gamma (``weight``, ones) and beta (``bias``, zeros). Default: True.
+        bias: with ``affine``, also learn beta (keyword-only, as in torch). Default: True.
         track_running_stats: keep ``running_mean``, ``running_var`` and
             ``num_batches_tracked`` buffers. Default: True.
         skip_nonfinite: a channel whose batch statistics are NaN or Inf keeps its running
@@ -265,7 +271,7 @@ class _LazyBatchNormBase(LazyModuleMixin, _BatchNormBase):
     """``num_features`` taken from dimension 1 of the first input, as torch's lazy modules."""
 
     weight: UninitializedParameter  # type: ignore[assignment]
-    bias: UninitializedParameter  # type: ignore[assignment]
+    bias: UninitializedParameter | None  # type: ignore[assignment]
     cls_to_become: type[_BatchNormBase]
 
     def __init__(
@@ -277,6 +283,7 @@ class _LazyBatchNormBase(LazyModuleMixin, _BatchNormBase):
         device: Any = None,
         dtype: Any = None,
         *,
+        bias: bool = True,
         skip_nonfinite: bool = True,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
@@ -286,7 +293,7 @@ class _LazyBatchNormBase(LazyModuleMixin, _BatchNormBase):
         self.track_running_stats = track_running_stats
         if affine:
             self.weight = UninitializedParameter(**factory_kwargs)
-            self.bias = UninitializedParameter(**factory_kwargs)
+            self.bias = UninitializedParameter(**factory_kwargs) if bias else None
         if track_running_stats:
             self.running_mean = UninitializedBuffer(**factory_kwargs)
             self.running_var = UninitializedBuffer(**factory_kwargs)
@@ -303,7 +310,8 @@ class _LazyBatchNormBase(LazyModuleMixin, _BatchNormBase):
             self.num_features = input.shape[1]
             if self.affine:
                 self.weight.materialize((self.num_features,))
-                self.bias.materialize((self.num_features,))
+                if self.bias is not None:
+                    self.bias.materialize((self.num_features,))
             if self.track_running_stats:
                 self.running_mean.materialize((self.num_features,))  # type: ignore[union-attr]
                 self.running_var.materialize((self.num_features,))  # type: ignore[union-attr]

@@ -1,0 +1,70 @@
+"""The hand-derived backward against finite differences (gradcheck) in float64, and its own
+derivative (gradgradcheck), in training and eval mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+import batchnorm
+from batchnorm._autograd import BatchNormFunction
+from batchnorm.functional import batch_norm
+
+SHAPES = [(5, 3), (4, 3, 5), (3, 2, 3, 2)]
+
+
+def inputs(shape: tuple[int, ...], affine: bool) -> tuple[torch.Tensor, ...]:
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).requires_grad_()
+    if not affine:
+        return (x,)
+    weight = (torch.rand(shape[1], dtype=torch.float64) + 0.5).requires_grad_()
+    bias = torch.randn(shape[1], dtype=torch.float64).requires_grad_()
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "not_affine"])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+def test_gradcheck_and_gradgradcheck(shape: tuple[int, ...], affine: bool, training: bool) -> None:
+    channels = shape[1]
+    running_mean = torch.randn(channels, dtype=torch.float64)
+    running_var = torch.rand(channels, dtype=torch.float64) + 0.5
+
+    def fn(*args: torch.Tensor) -> torch.Tensor:
+        # Running statistics are copied so that gradcheck's repeated calls see the same state.
+        return batch_norm(args[0], running_mean.clone(), running_var.clone(), *args[1:], training=training, eps=1e-3)
+
+    args = inputs(shape, affine)
+    assert gradcheck(fn, args)
+    assert gradgradcheck(fn, args)
+
+
+def test_backward_is_the_hand_derived_one() -> None:
+    """The graph's node is our autograd.Function, not autograd through the forward's ops."""
+    x = torch.randn(4, 3, requires_grad=True)
+    y = batchnorm.BatchNorm1d(3)(x)
+    assert y.grad_fn is not None
+    assert type(y.grad_fn).__name__ == f"{BatchNormFunction.__name__}Backward"
+
+
+def test_double_backward_matches_torch() -> None:
+    """Gradient penalty (||dL/dx||^2) differentiated again, against torch's batch norm."""
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    grads = []
+    for bn in (batchnorm.BatchNorm1d(3, dtype=torch.float64), torch.nn.BatchNorm1d(3, dtype=torch.float64)):
+        xi = x.clone().requires_grad_()
+        loss = (bn(xi) ** 3).sum()
+        (gx,) = torch.autograd.grad(loss, xi, create_graph=True)
+        (gx.pow(2).sum()).backward()
+        grads.append((xi.grad, bn.weight.grad))
+    for ours, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_only_requested_gradients_are_computed() -> None:
+    x = torch.randn(4, 3)
+    weight = torch.ones(3, requires_grad=True)
+    y = batch_norm(x, None, None, weight, torch.zeros(3), training=True)
+    y.sum().backward()
+    assert weight.grad is not None and x.grad is None

@@ -1,0 +1,90 @@
+"""Backend selection, the compile fallback, and the same numbers from every backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from batchnorm import backends
+
+from .test_differential import CASES, run_case
+
+
+def test_default_is_auto_and_set_backend_returns_previous(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
+    assert batchnorm.get_backend() == "auto"
+    assert batchnorm.set_backend("eager") == "auto"
+    assert batchnorm.get_backend() == "eager"
+    assert batchnorm.set_backend("compiled") == "eager"
+    assert batchnorm.get_backend() == "compiled"
+
+
+def test_using_backend_restores_even_on_error() -> None:
+    batchnorm.set_backend("compiled")
+    with pytest.raises(RuntimeError, match="inside"), batchnorm.using_backend("eager"):
+        assert batchnorm.get_backend() == "eager"
+        raise RuntimeError("inside")
+    assert batchnorm.get_backend() == "compiled"
+
+
+def test_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCHNORM_BACKEND", "eager")
+    assert batchnorm.get_backend() == "eager"
+    with batchnorm.using_backend("compiled"):
+        assert batchnorm.get_backend() == "compiled"  # an explicit choice wins over the variable
+    monkeypatch.setenv("BATCHNORM_BACKEND", "fast")
+    with pytest.raises(ValueError, match=r"BATCHNORM_BACKEND='fast'.*auto, eager, compiled"):
+        batchnorm.get_backend()
+
+
+@pytest.mark.parametrize("name", ["Eager", "cuda", "", None, 3])
+def test_unknown_backend_lists_valid_names(name: object) -> None:
+    before = batchnorm.get_backend()
+    with pytest.raises(ValueError, match=r"expected one of auto, eager, compiled"):
+        batchnorm.set_backend(name)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"expected one of auto, eager, compiled"), batchnorm.using_backend(name):  # type: ignore[arg-type]
+        pass
+    assert batchnorm.get_backend() == before
+
+
+def test_auto_picks_by_size() -> None:
+    small, large = torch.empty(8, 4), torch.empty(64, 64, 16, 16)
+    assert backends.kernels_for(small) is backends.EAGER
+    assert backends.kernels_for(large) is backends.COMPILED
+    with batchnorm.using_backend("eager"):
+        assert backends.kernels_for(large) is backends.EAGER
+    with batchnorm.using_backend("compiled"):
+        assert backends.kernels_for(small) is backends.COMPILED
+        # Double backward cannot run through a compiled kernel: the eager one serves it.
+        assert backends.kernels_for(small, create_graph=True) is backends.EAGER
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_compile(fn: object, **kwargs: object) -> object:
+        def run(*args: object) -> object:
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(backends, "_COMPILED", backends._CompiledKernels())
+    x = torch.randn(6, 3)
+    with batchnorm.using_backend("compiled"), pytest.warns(RuntimeWarning, match="falling back to 'eager'") as record:
+        ys = [batchnorm.functional.batch_norm(x, None, None, training=True) for _ in range(3)]
+    assert len(record) == 1
+    assert backends._COMPILED.failed
+    for y in ys:
+        torch.testing.assert_close(y, nn.functional.batch_norm(x, None, None, training=True))
+
+
+BACKEND_CASES = [case for case in CASES if case.name in ("2d-default", "1d_2D-momentum_none", "2d-channels_last")]
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=lambda case: case.name)
+def test_every_backend_matches_torch(backend: str, case: object) -> None:
+    with batchnorm.using_backend(backend):
+        run_case(case)  # type: ignore[arg-type]
+    assert not backends._COMPILED.failed
