@@ -1,0 +1,66 @@
+"""The benchmark harness: its figures are consistent, its JSON complete, its CLI strict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchnorm import bench, cli
+
+
+def test_bench_shape_reports_consistent_figures() -> None:
+    row = bench.bench_shape(bench.Shape("tiny", (8, 4, 5, 5)), "eager", torch.device("cpu"), torch.float32, 3, 1)
+    for value in (row.train_forward_ms, row.torch_train_forward_ms, row.copy_ms, row.first_call_ms):
+        assert value > 0
+    assert row.train_forward_ratio == pytest.approx(row.train_forward_ms / row.torch_train_forward_ms)
+    # Both save the input for backward: 8*4*5*5 float32 values at least.
+    assert row.saved_mb >= 8 * 4 * 5 * 5 * 4 / 2**20
+    assert row.torch_saved_mb >= 8 * 4 * 5 * 5 * 4 / 2**20
+    assert "**" in bench.format_table([row])
+
+
+def test_interleaved_medians_takes_the_median() -> None:
+    calls: list[str] = []
+    medians = bench.interleaved_medians(
+        [lambda: calls.append("a"), lambda: calls.append("b")], 5, 1, torch.device("cpu")
+    )
+    assert calls == ["a", "b"] * 6  # warm-up then repeats, alternating
+    assert len(medians) == 2 and all(m >= 0 for m in medians)
+
+
+def test_saved_bytes_counts_distinct_storages() -> None:
+    x = torch.randn(100, requires_grad=True)
+    # x * x saves x twice, one storage: 400 bytes.
+    assert bench.saved_bytes(lambda: x * x) == 400
+
+
+def test_cli_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(bench, "SHAPES", (bench.Shape("tiny", (6, 3, 4)),))
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--backend", "eager", "--json", str(out)]) == 0
+    assert "| tiny (6, 3, 4) | eager |" in capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    assert payload["rows"][0]["name"] == "tiny"
+    assert {"train_forward_ratio", "train_forward_backward_ratio", "eval_forward_ratio"} <= payload["rows"][0].keys()
+
+
+@pytest.mark.parametrize(
+    ("argv", "phrase"),
+    [
+        (["bench", "--shapes", "huge"], "unknown shape(s) huge"),
+        (["bench", "--device", "cuda"], "CUDA is not available"),
+        (["bench", "--json", "/nonexistent-dir/x.json", "--shapes", "mlp"], "does not exist"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(
+    argv: list[str], phrase: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(bench, "SHAPES", (bench.Shape("mlp", (6, 3)),))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and phrase in err and "Traceback" not in err
