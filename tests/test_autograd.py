@@ -68,3 +68,19 @@ def test_only_requested_gradients_are_computed() -> None:
     y = batch_norm(x, None, None, weight, torch.zeros(3), training=True)
     y.sum().backward()
     assert weight.grad is not None and x.grad is None
+
+
+def test_eval_with_frozen_parameters_matches_torch() -> None:
+    """Fine-tuning with frozen BN: eval mode, parameters without gradients, input gradient only."""
+    ours, theirs = batchnorm.BatchNorm2d(3).eval(), torch.nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        theirs.running_mean.uniform_(-1, 1)
+        theirs.weight.uniform_(0.5, 2)
+    ours.load_state_dict(theirs.state_dict())
+    grads = []
+    for module in (ours, theirs):
+        module.requires_grad_(False)
+        x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        (module(x) * torch.arange(x.numel()).view(x.shape)).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(*grads)

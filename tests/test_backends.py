@@ -88,3 +88,32 @@ def test_every_backend_matches_torch(backend: str, case: object) -> None:
     with batchnorm.using_backend(backend):
         run_case(case)  # type: ignore[arg-type]
     assert not backends._COMPILED.failed
+
+
+def test_compiled_backend_does_not_recompile_for_a_new_batch_size() -> None:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    with batchnorm.using_backend("compiled"):
+        for batch in (4, 6, 9):
+            x = torch.randn(batch, 3, 5, 5, requires_grad=True)
+            y = batchnorm.functional.batch_norm(x, None, None, training=True)
+            y.sum().backward()
+            torch.testing.assert_close(y, nn.functional.batch_norm(x, None, None, training=True))
+    # One graph for the forward kernel and one for the backward kernel, whatever the batch size.
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_no_autograd_node_when_no_gradient_can_be_asked_for() -> None:
+    module = batchnorm.BatchNorm2d(3)
+    x = torch.randn(4, 3, 2, 2)
+    with torch.no_grad():
+        y = module(x)
+    assert y.grad_fn is None
+    module.weight.requires_grad_(False)
+    module.bias.requires_grad_(False)
+    assert module(x).grad_fn is None
+    module.weight.requires_grad_(True)
+    assert module(x).grad_fn is not None
+    assert module.num_batches_tracked.item() == 3

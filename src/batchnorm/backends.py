@@ -30,6 +30,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -170,16 +171,26 @@ def backward_train(
 
 
 def backward_eval(
-    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, need_input_grad: bool
-) -> tuple[Tensor | None, Tensor, Tensor]:
-    """Inference backward (statistics are constants): dx = dy * a, dgamma = s2 * r, dbeta = s1."""
-    sum_dy, sum_dy_xmu = grad_sums(dy, x, mean)
-    grad_weight = sum_dy_xmu * invstd
-    if not need_input_grad:
-        return None, grad_weight, sum_dy
-    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
-    grad_input = dy.to(invstd.dtype) * scale.view(channel_shape(x))
-    return grad_input.to(x.dtype), grad_weight, sum_dy
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    need_input_grad: bool,
+    need_param_grads: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Inference backward (statistics are constants): dx = dy * a, dgamma = s2 * r, dbeta = s1.
+
+    Frozen parameters (fine-tuning with a BN in eval mode) skip the reduction pass entirely.
+    """
+    grad_weight = grad_bias = grad_input = None
+    if need_param_grads:
+        grad_bias, sum_dy_xmu = grad_sums(dy, x, mean)
+        grad_weight = sum_dy_xmu * invstd
+    if need_input_grad:
+        scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+        grad_input = (dy.to(invstd.dtype) * scale.view(channel_shape(x))).to(x.dtype)
+    return grad_input, grad_weight, grad_bias
 
 
 @dataclass(frozen=True)
@@ -190,50 +201,50 @@ class Kernels:
     forward_train: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
     forward_eval: Callable[..., tuple[Tensor, Tensor]]
     backward_train: Callable[..., tuple[Tensor | None, Tensor, Tensor]]
-    backward_eval: Callable[..., tuple[Tensor | None, Tensor, Tensor]]
+    backward_eval: Callable[..., tuple[Tensor | None, Tensor | None, Tensor | None]]
 
 
 EAGER = Kernels("eager", forward_train, forward_eval, backward_train, backward_eval)
+
+# Each model brings a few (rank, layout, dtype) combinations; torch's default of 8 recompiles per
+# function would send a varied model back to eager, so the compiled kernels allow more.
+_RECOMPILE_LIMIT = 64
 
 
 class _CompiledKernels:
     """The eager kernels under ``torch.compile``, built on first use.
 
-    If compilation fails on this platform, every later call runs eagerly, after one warning.
+    The batch dimension is compiled as dynamic from the first call, so a new batch size reuses
+    the compiled code; every other extent is specialized (better loops) until it varies. If
+    compilation fails on this platform, every later call runs eagerly, after one warning.
     """
 
     def __init__(self) -> None:
-        self._kernels: Kernels | None = None
+        self._compiled: dict[str, Callable[..., Any]] = {}
         self._failed = False
 
-    def _build(self) -> Kernels:
-        if self._kernels is None:
-
-            def compile_(fn: Callable[..., object]) -> Callable[..., object]:
-                return torch.compile(fn, dynamic=True)
-
-            self._kernels = Kernels(
-                "compiled",
-                compile_(forward_train),  # type: ignore[arg-type]
-                compile_(forward_eval),  # type: ignore[arg-type]
-                compile_(backward_train),  # type: ignore[arg-type]
-                compile_(backward_eval),  # type: ignore[arg-type]
+    def run(self, kernel: str, *args: Any) -> Any:
+        eager = getattr(EAGER, kernel)
+        if self._failed:
+            return eager(*args)
+        compiled = self._compiled.get(kernel)
+        if compiled is None:
+            compiled = self._compiled[kernel] = torch.compile(eager)
+        for arg in args:
+            if isinstance(arg, Tensor) and arg.dim() >= 2:
+                torch._dynamo.maybe_mark_dynamic(arg, 0)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+                return compiled(*args)
+        except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
+            self._failed = True
+            warnings.warn(
+                f"batchnorm: the 'compiled' backend failed on this platform "
+                f"({type(error).__name__}: {error}); falling back to 'eager'.",
+                RuntimeWarning,
+                stacklevel=3,
             )
-        return self._kernels
-
-    def run(self, kernel: str, *args: object) -> object:
-        if not self._failed:
-            try:
-                return getattr(self._build(), kernel)(*args)
-            except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
-                self._failed = True
-                warnings.warn(
-                    f"batchnorm: the 'compiled' backend failed on this platform "
-                    f"({type(error).__name__}: {error}); falling back to 'eager'.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-        return getattr(EAGER, kernel)(*args)
+        return eager(*args)
 
     @property
     def failed(self) -> bool:
@@ -243,20 +254,18 @@ class _CompiledKernels:
 _COMPILED = _CompiledKernels()
 
 
-def _compiled_kernels() -> Kernels:
-    def bind(kernel: str) -> Callable[..., object]:
-        return lambda *args: _COMPILED.run(kernel, *args)
-
-    return Kernels(
-        "compiled",
-        bind("forward_train"),  # type: ignore[arg-type]
-        bind("forward_eval"),  # type: ignore[arg-type]
-        bind("backward_train"),  # type: ignore[arg-type]
-        bind("backward_eval"),  # type: ignore[arg-type]
-    )
+def _compiled_kernel(kernel: str) -> Callable[..., Any]:
+    # Looks _COMPILED up at call time, so that tests can swap in a fresh instance.
+    return lambda *args: _COMPILED.run(kernel, *args)
 
 
-COMPILED = _compiled_kernels()
+COMPILED = Kernels(
+    "compiled",
+    _compiled_kernel("forward_train"),
+    _compiled_kernel("forward_eval"),
+    _compiled_kernel("backward_train"),
+    _compiled_kernel("backward_eval"),
+)
 
 # ---------------------------------------------------------------------------------------------
 # Selection

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._autograd import BatchNormFunction
+from ._autograd import apply_batch_norm
 
 __all__ = ["batch_norm", "batch_norm_stats"]
 
@@ -100,15 +100,11 @@ def batch_norm_with_stats(
     check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, caller)
     if training:
         check_batch_size(input)
-        output, mean, var = BatchNormFunction.apply(  # type: ignore[no-untyped-call]
-            input, weight, bias, None, None, eps
-        )
+        output, mean, var = apply_batch_norm(input, weight, bias, None, None, eps)
         if running_mean is not None and running_var is not None and input.numel() > 0:
             update_running_stats(running_mean, running_var, mean, var, input, momentum, skip_nonfinite)
     else:
-        output, mean, var = BatchNormFunction.apply(  # type: ignore[no-untyped-call]
-            input, weight, bias, running_mean, running_var, eps
-        )
+        output, mean, var = apply_batch_norm(input, weight, bias, running_mean, running_var, eps)
     return output, mean, var
 
 
@@ -122,18 +118,21 @@ def update_running_stats(
     momentum: float,
     skip_nonfinite: bool,
 ) -> None:
-    """running <- (1 - m) * running + m * batch, the variance unbiased by M / (M - 1)."""
+    """running <- (1 - m) * running + m * batch, the variance unbiased by M / (M - 1).
+
+    ``lerp_`` is that update in one in-place operation: start + m * (end - start).
+    """
     count = input.numel() // input.shape[1]
-    unbiased_var = var * (count / (count - 1))
-    new_mean = running_mean * (1 - momentum) + mean.to(running_mean.dtype) * momentum
-    new_var = running_var * (1 - momentum) + unbiased_var.to(running_var.dtype) * momentum
+    batch_mean = mean.to(running_mean.dtype)
+    batch_var = (var * (count / (count - 1))).to(running_var.dtype)
     if skip_nonfinite:
-        # A channel whose batch statistics are NaN/Inf keeps its running statistics this step.
-        finite = torch.isfinite(mean) & torch.isfinite(var)
-        new_mean = torch.where(finite, new_mean, running_mean)
-        new_var = torch.where(finite, new_var, running_var)
-    running_mean.copy_(new_mean)
-    running_var.copy_(new_var)
+        # A channel whose batch statistics are NaN/Inf keeps its running statistics this step:
+        # lerp towards the running value itself is the identity.
+        finite = torch.isfinite(batch_mean) & torch.isfinite(batch_var)
+        batch_mean = torch.where(finite, batch_mean, running_mean)
+        batch_var = torch.where(finite, batch_var, running_var)
+    running_mean.lerp_(batch_mean, momentum)
+    running_var.lerp_(batch_var, momentum)
 
 
 # ---------------------------------------------------------------------------------------------
