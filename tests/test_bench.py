@@ -39,11 +39,13 @@ def test_saved_bytes_counts_distinct_storages() -> None:
 
 def test_cli_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(bench, "SHAPES", (bench.Shape("tiny", (6, 3, 4)),))
+    monkeypatch.setattr(bench, "END_TO_END", ("LeNet-BN", bench.lenet, (4, 1, 28, 28), 10))
     out = tmp_path / "bench.json"
     assert cli.main(["bench", "--quick", "--backend", "eager", "--json", str(out)]) == 0
     assert "| tiny (6, 3, 4) | eager |" in capsys.readouterr().out
     payload = json.loads(out.read_text())
     assert payload["rows"][0]["name"] == "tiny"
+    assert payload["end_to_end"][0]["name"] == "LeNet-BN" and payload["end_to_end"][0]["ratio"] > 0
     assert {"train_forward_ratio", "train_forward_backward_ratio", "eval_forward_ratio"} <= payload["rows"][0].keys()
 
 
@@ -64,3 +66,19 @@ def test_cli_bad_input_is_one_line_and_exit_2(
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and phrase in err and "Traceback" not in err
+
+
+def test_training_step_bench_starts_both_models_from_the_same_weights() -> None:
+    built: list[torch.nn.Module] = []
+
+    def build(bn1d: type[torch.nn.Module], bn2d: type[torch.nn.Module]) -> torch.nn.Module:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), bn1d(3))
+        built.append(model)
+        return model
+
+    result = bench.bench_training_step("tiny", build, (8, 4), 3, "eager", torch.device("cpu"), 2, 1)
+    assert type(built[0][1]).__module__ == "batchnorm.modules" and type(built[1][1]) is torch.nn.BatchNorm1d
+    assert result.ours_ms > 0 and result.torch_ms > 0
+    # Same steps on the same data from the same weights: the two models stay equal.
+    torch.testing.assert_close(built[0][0].weight, built[1][0].weight)
+    assert "ours/torch" in result.format()

@@ -195,6 +195,94 @@ def bench_shape(spec: Shape, backend: str, device: torch.device, dtype: torch.dt
     )
 
 
+@dataclass
+class EndToEnd:
+    """Training steps per second of one model built with our modules and with torch's."""
+
+    name: str
+    batch: int
+    backend: str
+    ours_ms: float
+    torch_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.ours_ms / self.torch_ms
+
+    def to_dict(self) -> dict[str, object]:
+        return {**asdict(self), "ratio": self.ratio}
+
+    def format(self) -> str:
+        return (
+            f"{self.name} training step (batch {self.batch}, {self.backend}): ours {self.ours_ms:.1f} ms "
+            f"({1e3 / self.ours_ms:.1f} steps/s), torch {self.torch_ms:.1f} ms ({1e3 / self.torch_ms:.1f} steps/s), "
+            f"ours/torch = {self.ratio:.2f}"
+        )
+
+
+def bench_training_step(
+    name: str,
+    build: Callable[[type[nn.Module], type[nn.Module]], nn.Module],
+    input_shape: tuple[int, ...],
+    classes: int,
+    backend: str,
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+) -> EndToEnd:
+    """SGD steps of ``build(BatchNorm1d, BatchNorm2d)`` with ours against torch's, same weights."""
+    from .modules import BatchNorm1d, BatchNorm2d
+
+    torch.manual_seed(0)
+    ours_model = build(BatchNorm1d, BatchNorm2d).to(device)
+    torch_model = build(nn.BatchNorm1d, nn.BatchNorm2d).to(device)
+    torch_model.load_state_dict(ours_model.state_dict())
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(input_shape, generator=generator).to(device)
+    target = torch.randint(0, classes, (input_shape[0],), generator=generator).to(device)
+
+    def step_of(model: nn.Module) -> Callable[[], None]:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x), target)
+            torch.autograd.backward(loss)
+            optimizer.step()
+
+        return step
+
+    with backends.using_backend(backend):
+        ours_ms, torch_ms = interleaved_medians([step_of(ours_model), step_of(torch_model)], repeats, warmup, device)
+    return EndToEnd(name, input_shape[0], backend, ours_ms, torch_ms)
+
+
+def lenet(bn1d: type[nn.Module], bn2d: type[nn.Module]) -> nn.Module:
+    """LeNet-5 with batch norm after every convolution and hidden dense layer (SPEC section 6)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2),
+        bn2d(6),
+        nn.Sigmoid(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        bn2d(16),
+        nn.Sigmoid(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(400, 120),
+        bn1d(120),
+        nn.Sigmoid(),
+        nn.Linear(120, 84),
+        bn1d(84),
+        nn.Sigmoid(),
+        nn.Linear(84, 10),
+    )
+
+
+# The end-to-end figure of SPEC section 7: LeNet-BN on 28x28 digits, batch 256, 10 classes.
+END_TO_END = ("LeNet-BN", lenet, (256, 1, 28, 28), 10)
+
+
 def format_table(rows: Sequence[Row]) -> str:
     header = (
         "| shape | backend | train fwd ours/torch | train fwd+bwd ours/torch | eval fwd ours/torch "
@@ -221,12 +309,13 @@ def run(
     quick: bool = False,
     shapes: Sequence[str] | None = None,
     json_path: str | None = None,
-) -> list[Row]:
+) -> tuple[list[Row], EndToEnd]:
     """Measure every shape (or those named) and return the rows; writes JSON when asked."""
     selected = [s for s in SHAPES if shapes is None or s.name in shapes]
     repeats, warmup = (10, 2) if quick else (25, 3)
     target = torch.device(device)
     rows = [bench_shape(spec, backend, target, dtype, repeats, warmup) for spec in selected]
+    end_to_end = bench_training_step(*END_TO_END, backend, target, repeats, warmup)
     if json_path is not None:
         payload = {
             "device": device_name(target),
@@ -235,9 +324,10 @@ def run(
             "threads": torch.get_num_threads(),
             "repeats": repeats,
             "rows": [row.to_dict() for row in rows],
+            "end_to_end": [end_to_end.to_dict()],
         }
         write_json_atomically(json_path, payload)
-    return rows
+    return rows, end_to_end
 
 
 def device_name(device: torch.device) -> str:

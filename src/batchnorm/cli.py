@@ -58,7 +58,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown shape(s) {', '.join(unknown)}; expected some of {', '.join(known)}")
     if args.json is not None:
         check_writable_file(args.json)
-    rows = bench.run(
+    rows, end_to_end = bench.run(
         backend=args.backend,
         device=args.device,
         dtype=getattr(torch, args.dtype),
@@ -67,6 +67,8 @@ def run_bench(args: argparse.Namespace) -> int:
         json_path=args.json,
     )
     print(bench.format_table(rows))
+    print()
+    print(end_to_end.format())
     return 0
 
 
