@@ -59,20 +59,98 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------
-# Eager kernels: the reference formulation, differentiable by autograd (double backward uses it)
+# Per-channel reductions, by memory layout
+#
+# torch's generic reductions over dims (0, 2, ...) of NCHW data, and over dim 0 of (R, C) data,
+# run far below memory bandwidth (var_mean over (0, 2, 3) of the `cnn` input costs as much as
+# torch's whole batch-norm forward). Viewed the right way each layout has a fast reduction:
+#   "rows":    contiguous (N, C, *) is (N, C, L); reduce the contiguous L, then N.
+#   "columns": (N, C) and channels_last (N, *, C) are (R, C) matrices; reduce the R rows.
+# Anything else (strided views) takes the generic path.
+# ---------------------------------------------------------------------------------------------
+
+
+def _layout(x: Tensor) -> str:
+    if x.dim() == 2:
+        return "columns" if x.is_contiguous() else "generic"
+    if x.is_contiguous():
+        return "rows"
+    if x.dim() in (4, 5) and x.is_contiguous(
+        memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    ):
+        return "columns"
+    return "generic"
+
+
+def _as_rows(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], x.shape[1], -1)  # (N, C, *) -> (N, C, L), a view
+
+
+def _as_columns(x: Tensor) -> Tensor:
+    return x.movedim(1, -1).reshape(-1, x.shape[1])  # (N, C, *) channels-last -> (R, C), a view
+
+
+def channel_sum(t: Tensor, layout: str) -> Tensor:
+    """sum over every dimension but 1: (N, C, *) -> (C,)."""
+    if layout == "columns":
+        return _as_columns(t).sum(0)
+    return t.sum(reduce_dims(t))
+
+
+def channel_dot(a: Tensor, b: Tensor, layout: str) -> Tensor:
+    """sum(a * b) over every dimension but 1: (N, C, *) x (N, C, *) -> (C,), without a temporary
+    where the layout allows."""
+    if layout == "rows":
+        dots: Tensor = torch.linalg.vecdot(_as_rows(a), _as_rows(b), dim=-1)  # (N, C, L) -> (N, C)
+        return dots.sum(0)  # (N, C) -> (C,)
+    if layout == "columns":
+        column_dots: Tensor = torch.linalg.vecdot(_as_columns(a), _as_columns(b), dim=0)  # (R, C) -> (C,)
+        return column_dots
+    return (a * b).sum(reduce_dims(a))
+
+
+def channel_sumsq(t: Tensor, layout: str) -> Tensor:
+    """sum(t^2) over every dimension but 1: (N, C, *) -> (C,)."""
+    if layout == "rows":
+        # Per-row Euclidean norms over the contiguous L are the fastest reduction torch has.
+        norms: Tensor = torch.linalg.vector_norm(_as_rows(t), dim=-1)  # (N, C, L) -> (N, C)
+        return norms.square().sum(0)  # (N, C) -> (C,)
+    return channel_dot(t, t, layout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
 # ---------------------------------------------------------------------------------------------
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of x (N, C, *) -> ((C,), (C,)), in one pass."""
-    xc = x.to(compute_dtype(x))
-    if x.dim() == 2:
-        # (N, C) -> (C,): a reduction over dim 0 is slow in torch's kernels; var_mean over the
-        # transposed view walks rows instead.
-        var, mean = torch.var_mean(xc.t(), dim=1, correction=0)
-    else:
-        var, mean = torch.var_mean(xc, dim=reduce_dims(x), correction=0)
+    """Per-channel mean and biased variance of x (N, C, *) -> ((C,), (C,)).
+
+    ``var_mean`` in one call: differentiable twice, used for double backward and by the
+    compiler, which fuses it into one pass.
+    """
+    var, mean = torch.var_mean(x.to(compute_dtype(x)), dim=reduce_dims(x), correction=0)
     return mean, var
+
+
+def centered_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mu, var, c, delta) by the corrected two-pass algorithm (Chan, Golub & LeVeque 1983):
+
+        m = sum(x)/M,  c = x - m,  delta = sum(c)/M,  mu = m + delta,
+        var = sum(c^2)/M - delta^2,
+
+    so that ``x - mu = c - delta``. Not E[x^2] - E[x]^2, which loses every digit in float32 when
+    |mu| >> sigma; delta recovers the rounding error of the first pass's float32 sum (torch's
+    CPU kernel accumulates in float64 instead). Not for double backward (see :func:`batch_stats`).
+    """
+    layout = _layout(x)
+    xc = x.to(compute_dtype(x))
+    count = x.numel() // x.shape[1]
+    first_mean = channel_sum(xc, layout) / count
+    centered = xc - first_mean.view(channel_shape(x))
+    delta = channel_sum(centered, layout) / count
+    var = channel_sumsq(centered, layout) / count - delta * delta
+    return first_mean + delta, var.clamp_(min=0), centered, delta
 
 
 def scale_shift(
@@ -96,19 +174,27 @@ def normalize(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 def forward_train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Training forward: returns (y, mu, var, r), statistics (C,) in the compute dtype."""
-    mean, var = batch_stats(x)
-    invstd, scale, _ = scale_shift(mean, var, weight, bias, eps)
-    # y = (x - mu) * a + beta: centering first keeps the digits that x * a + b cancels when
-    # |mu| >> sigma (the batch's own statistics make that case common, e.g. unnormalized pixels).
+    """Training forward: returns (y, mu, var, r), statistics (C,) in the compute dtype.
+
+    y = (x - mu) * a + beta: centering first keeps the digits that x * a + b cancels when
+    |mu| >> sigma (the batch's own statistics make that case common, e.g. unnormalized pixels).
+    """
     shape = channel_shape(x)
-    cdt = mean.dtype
-    centered = x.to(cdt) - mean.view(shape)
-    y = (
-        centered * scale.view(shape)
-        if bias is None
-        else torch.addcmul(bias.to(cdt).view(shape), centered, scale.view(shape))
-    )
+    if torch.compiler.is_compiling():
+        # The compiler fuses var_mean and the elementwise map into two passes over x.
+        mean, var = batch_stats(x)
+        invstd, scale, _ = scale_shift(mean, var, weight, bias, eps)
+        centered = x.to(mean.dtype) - mean.view(shape)
+        y = centered * scale.view(shape)
+        if bias is not None:
+            y = y + bias.to(mean.dtype).view(shape)
+        return y.to(x.dtype), mean, var, invstd
+    mean, var, centered, delta = centered_stats(x)
+    invstd, scale, _ = scale_shift(mean, var, weight, bias, eps)
+    # y = (c - delta) * a + beta = c * a + (beta - delta * a), written into the centered buffer,
+    # which is ours, instead of a new tensor.
+    shift = -delta * scale if bias is None else bias.to(scale.dtype) - delta * scale
+    y = torch.addcmul(shift.view(shape), centered, scale.view(shape), out=centered)
     return y.to(x.dtype), mean, var, invstd
 
 
@@ -121,14 +207,25 @@ def forward_eval(
     return normalize(x, scale, shift), invstd
 
 
+def _in_autograd_or_compiler() -> bool:
+    """In-place tricks and layout views are for plain eager execution; under double backward
+    (grad mode on inside backward) or the compiler, the out-of-place formulation runs."""
+    return torch.is_grad_enabled() or torch.compiler.is_compiling()
+
+
+def _sums_of_centered(dy: Tensor, centered: Tensor) -> tuple[Tensor, Tensor]:
+    """s1 = sum(dy), s2 = sum(dy * c) with c = x - mu, both (N, C, *) -> (C,)."""
+    if _in_autograd_or_compiler():
+        dims = reduce_dims(dy)
+        return dy.sum(dims), (dy * centered).sum(dims)
+    layout = _layout(dy) if _layout(dy) == _layout(centered) else "generic"
+    return channel_sum(dy, layout), channel_dot(dy, centered, layout)
+
+
 def grad_sums(dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
     """s1 = sum(dy), s2 = sum(dy * (x - mu)), both (N, C, *) -> (C,)."""
     cdt = mean.dtype
-    dyc, xc = dy.to(cdt), x.to(cdt)
-    dims = reduce_dims(x)
-    sum_dy = dyc.sum(dims)
-    sum_dy_xmu = (dyc * (xc - mean.view(channel_shape(x)))).sum(dims)
-    return sum_dy, sum_dy_xmu
+    return _sums_of_centered(dy.to(cdt), x.to(cdt) - mean.view(channel_shape(x)))
 
 
 def input_grad_train(
@@ -140,33 +237,45 @@ def input_grad_train(
     sum_dy: Tensor,
     sum_dy_xmu: Tensor,
     count: int,
+    centered: Tensor | None = None,
 ) -> Tensor:
     """dx from the per-channel sums s1, s2 over ``count`` values (global counts for sync BN).
 
     dx = a * (dy - s1/M - (x - mu) * r^2 * s2/M) = dy * a + (x - mu) * p + q,
     p = -a * r^2 * s2 / M,  q = -a * s1 / M: one elementwise pass. Centering x before the
     product keeps the digits that x * p - mu * p would cancel when |mu| >> sigma.
+
+    ``centered`` (x - mu, computed by the caller, who gives it up) is reused as dx's buffer.
     """
-    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
-    p = -scale * invstd * invstd * sum_dy_xmu / count
-    q = -scale * sum_dy / count
-    shape = channel_shape(x)
     cdt = mean.dtype
-    centered = x.to(cdt) - mean.view(shape)
-    grad_input = torch.addcmul(torch.addcmul(q.view(shape), centered, p.view(shape)), dy.to(cdt), scale.view(shape))
+    shape = channel_shape(x)
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    p = (-scale * invstd * invstd * sum_dy_xmu / count).view(shape)
+    q = (-scale * sum_dy / count).view(shape)
+    if centered is None:
+        centered = x.to(cdt) - mean.view(shape)
+    if _in_autograd_or_compiler():
+        grad_input = torch.addcmul(torch.addcmul(q, centered, p), dy.to(cdt), scale.view(shape))
+    else:
+        grad_input = torch.addcmul(q, centered, p, out=centered).addcmul_(dy.to(cdt), scale.view(shape))
     return grad_input.to(x.dtype)
 
 
 def backward_train(
     dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, need_input_grad: bool
 ) -> tuple[Tensor | None, Tensor, Tensor]:
-    """Training backward: returns (dx, dgamma, dbeta); dgamma = s2 * r, dbeta = s1."""
-    sum_dy, sum_dy_xmu = grad_sums(dy, x, mean)
+    """Training backward: returns (dx, dgamma, dbeta); dgamma = s2 * r, dbeta = s1.
+
+    x - mu is formed once, for s2 and then as dx's buffer.
+    """
+    cdt = mean.dtype
+    centered = x.to(cdt) - mean.view(channel_shape(x))
+    sum_dy, sum_dy_xmu = _sums_of_centered(dy.to(cdt), centered)
     grad_weight = sum_dy_xmu * invstd
     if not need_input_grad:
         return None, grad_weight, sum_dy
     count = x.numel() // x.shape[1]
-    grad_input = input_grad_train(dy, x, weight, mean, invstd, sum_dy, sum_dy_xmu, count)
+    grad_input = input_grad_train(dy, x, weight, mean, invstd, sum_dy, sum_dy_xmu, count, centered)
     return grad_input, grad_weight, sum_dy
 
 
