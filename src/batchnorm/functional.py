@@ -306,7 +306,20 @@ def batch_norm_inverse(
         tensor([[ 1., 10.],
                 [ 3., 30.]])
     """
-    caller = "batch_norm_inverse"
+    return batch_norm_inverse_named(output, mean, var, weight, bias, eps, on_zero_weight, "batch_norm_inverse")
+
+
+def batch_norm_inverse_named(
+    output: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    on_zero_weight: str,
+    caller: str,
+) -> Tensor:
+    """:func:`batch_norm_inverse` whose errors name ``caller`` (a module's inverse names the module)."""
     check_input(output, caller)
     for name, statistic in (("mean", mean), ("var", var)):
         if statistic is None:

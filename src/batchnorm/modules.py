@@ -257,7 +257,7 @@ class _BatchNormBase(nn.Module):
                 )
             mean = default_mean if mean is None else mean
             var = default_var if var is None else var
-        return BF.batch_norm_inverse(output, mean, var, self.weight, self.bias, self.eps, on_zero_weight=on_zero_weight)
+        return BF.batch_norm_inverse_named(output, mean, var, self.weight, self.bias, self.eps, on_zero_weight, who)
 
 
 class BatchNorm(_BatchNormBase):

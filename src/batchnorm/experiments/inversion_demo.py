@@ -11,7 +11,8 @@ Two plain functions, each drawing one figure to a given path and returning its n
   classifier's confidence.
 
 Sizes are parameters so that tests run them in a second; the defaults take a few seconds on
-2 CPU cores.
+2 CPU cores (torch's intra-op threads spin badly when other processes share the cores:
+OMP_NUM_THREADS=1 is then several times faster).
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def flow_demo(
     path: str | os.PathLike[str],
     *,
     density: str = "moons",
-    steps: int = 1000,
+    steps: int = 600,
     batch_size: int = 256,
     couplings: int = 6,
     hidden: int = 32,
