@@ -10,6 +10,9 @@ Example:
 
 from . import functional
 from .backends import get_backend, set_backend, using_backend
+from .flows import BatchNormFlow
+from .functional import NonInvertibleError
+from .inversion import InversionResult, invert
 from .modules import (
     BatchNorm,
     BatchNorm1d,
@@ -27,12 +30,16 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormFlow",
+    "InversionResult",
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
+    "NonInvertibleError",
     "__version__",
     "functional",
     "get_backend",
+    "invert",
     "set_backend",
     "using_backend",
 ]

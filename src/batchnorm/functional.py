@@ -14,7 +14,7 @@ from torch import Tensor
 from . import backends
 from ._autograd import apply_batch_norm
 
-__all__ = ["batch_norm", "batch_norm_stats"]
+__all__ = ["NonInvertibleError", "batch_norm", "batch_norm_inverse", "batch_norm_stats"]
 
 
 def batch_norm(
@@ -240,3 +240,126 @@ def check_momentum(momentum: object, caller: str, allow_none: bool) -> None:
 def check_eps(eps: object, caller: str) -> None:
     if isinstance(eps, bool) or not isinstance(eps, Real) or not float(eps) >= 0.0:
         raise ValueError(f"{caller}: expected eps to be a non-negative number, got {eps!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inversion (docs/inversion.md): y = gamma * (x - mu) / sqrt(var + eps) + beta is, per channel,
+# an affine map with slope gamma / sqrt(var + eps); it is a bijection exactly when gamma != 0.
+# ---------------------------------------------------------------------------------------------
+
+# |gamma| at or below this destroys its channel: the output no longer depends on the input.
+ZERO_WEIGHT_TOL = 1e-12
+ON_ZERO_WEIGHT = ("raise", "mean")
+
+
+class NonInvertibleError(ValueError):
+    """Batch norm cannot be inverted: some channels have a zero scale ``weight`` (|w| <= 1e-12).
+
+    ``channels`` lists their indices.
+    """
+
+    def __init__(self, message: str, channels: list[int]) -> None:
+        super().__init__(message)
+        self.channels = channels
+
+
+def batch_norm_inverse(
+    output: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    on_zero_weight: str = "raise",
+) -> Tensor:
+    r"""The input x (N, C, \*) that batch norm with statistics ``mean``/``var`` maps to ``output``.
+
+    .. math::
+        x = \mu + \frac{\sqrt{\sigma^2 + \epsilon}}{\gamma} (y - \beta)
+
+    per channel, the inverse of ``batch_norm(x, mean, var, weight, bias, eps=eps)``. The
+    statistics are the ones the forward normalized with: the running ones in eval, the batch's
+    (``module.batch_mean``/``batch_var``, biased variance) in training. See
+    :meth:`batchnorm.BatchNorm.inverse` and ``docs/inversion.md``.
+
+    Args:
+        output: y, shape (N, C, \*).
+        mean, var: mu and sigma^2 (C,), any floating dtype; var must be non-negative.
+        weight, bias: gamma and beta (C,), or None (1 and 0).
+        eps: added to the variance inside the square root. Default: 1e-5.
+        on_zero_weight: a channel with |gamma| <= 1e-12 carries no information about its input.
+            ``"raise"`` (default) raises :class:`NonInvertibleError` naming those channels;
+            ``"mean"`` fills them with their mean mu, the best guess without information.
+
+    Shape:
+        output (N, C, \*) -> input of the same shape and dtype (float16/bfloat16 computed in float32).
+
+    Example:
+        >>> import torch
+        >>> from batchnorm.functional import batch_norm, batch_norm_inverse
+        >>> x = torch.tensor([[1.0, 10.0], [3.0, 30.0]])
+        >>> mean, var = torch.tensor([2.0, 20.0]), torch.tensor([1.0, 100.0])
+        >>> y = batch_norm(x, mean, var, eps=0.0)
+        >>> batch_norm_inverse(y, mean, var, eps=0.0)
+        tensor([[ 1., 10.],
+                [ 3., 30.]])
+    """
+    return batch_norm_inverse_named(output, mean, var, weight, bias, eps, on_zero_weight, "batch_norm_inverse")
+
+
+def batch_norm_inverse_named(
+    output: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    on_zero_weight: str,
+    caller: str,
+) -> Tensor:
+    """:func:`batch_norm_inverse` whose errors name ``caller`` (a module's inverse names the module)."""
+    check_input(output, caller)
+    for name, statistic in (("mean", mean), ("var", var)):
+        if statistic is None:
+            raise TypeError(f"{caller}: expected {name} to be a torch.Tensor of shape (C,), got None")
+    for name, vector in (("mean", mean), ("var", var), ("weight", weight), ("bias", bias)):
+        _check_channel_vector(name, vector, output, caller)
+    for name, parameter in (("weight", weight), ("bias", bias)):
+        if parameter is not None:
+            _check_parameter_dtype(name, parameter, output, caller)
+    check_eps(eps, caller)
+    if on_zero_weight not in ON_ZERO_WEIGHT:
+        raise ValueError(
+            f"{caller}: expected on_zero_weight to be one of {', '.join(map(repr, ON_ZERO_WEIGHT))}, "
+            f"got {on_zero_weight!r}"
+        )
+    if bool((var < 0).any()):
+        negative = torch.nonzero(var < 0).flatten().tolist()
+        raise ValueError(f"{caller}: expected a non-negative var, got negative values in channels {negative}")
+    cdt = backends.compute_dtype(output)
+    zero = None
+    if weight is not None:
+        zero = weight.abs() <= ZERO_WEIGHT_TOL  # (C,)
+        if on_zero_weight == "raise" and bool(zero.any()):
+            channels = torch.nonzero(zero).flatten().tolist()
+            raise NonInvertibleError(
+                f"{caller}: batch norm is not invertible in channels {channels}: their weight is zero "
+                f"(|w| <= {ZERO_WEIGHT_TOL:g}), so the output does not depend on the input there; "
+                f"pass on_zero_weight='mean' to fill them with their mean",
+                channels,
+            )
+    mu = mean.to(cdt)
+    std = torch.sqrt(var.to(cdt) + eps)  # sqrt(sigma^2 + eps), (C,)
+    # x = y * a' + b' with a' = sqrt(var + eps) / gamma, b' = mu - beta * a'; all (C,).
+    if weight is None:
+        slope = std
+    else:
+        gamma = weight.to(cdt)
+        # A zero channel gets slope 0, so that it comes out as b' = mu (its mean).
+        safe_gamma = gamma if zero is None else torch.where(zero, torch.ones_like(gamma), gamma)
+        slope = std / safe_gamma
+        if zero is not None:
+            slope = torch.where(zero, torch.zeros_like(slope), slope)
+    shift = mu if bias is None else mu - bias.to(cdt) * slope
+    return backends.normalize(output, slope, shift)

@@ -79,7 +79,8 @@ class _BatchNormBase(nn.Module):
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.skip_nonfinite = skip_nonfinite
-        # Statistics of the latest training forward (detached, biased variance), for inverse().
+        # Statistics of the latest forward that normalized with batch statistics (every training
+        # forward; eval without running statistics), detached, biased variance: for inverse().
         self.batch_mean = None
         self.batch_var = None
         if affine:
@@ -203,10 +204,65 @@ class _BatchNormBase(nn.Module):
         # Counted only once the call has succeeded (torch counts before it can fail).
         if update and counter is not None:
             counter.add_(1)
-        if self.training:
+        if use_batch_stats:
             self.batch_mean = mean.detach()
             self.batch_var = var.detach()
         return output
+
+    def inverse(
+        self,
+        output: Tensor,
+        *,
+        mean: Tensor | None = None,
+        var: Tensor | None = None,
+        on_zero_weight: str = "raise",
+    ) -> Tensor:
+        r"""The input that this module mapped to ``output``: x = mu + sqrt(var + eps) / gamma * (y - beta).
+
+        Uses the statistics the forward normalized with: in eval the running statistics (the
+        batch's, ``batch_mean``/``batch_var``, when the module does not track running ones); in
+        training the batch statistics of the latest training forward. ``mean``/``var`` given
+        explicitly override them. The round trip ``inverse(forward(x))`` is exact to rounding.
+        See :func:`batchnorm.functional.batch_norm_inverse` and ``docs/inversion.md``.
+
+        Args:
+            output: y, shape (N, C, \*) as the forward accepts.
+            mean, var: per-channel statistics (C,) to use instead (keyword-only).
+            on_zero_weight: ``"raise"`` (default): :class:`batchnorm.NonInvertibleError` naming
+                the channels whose weight is zero; ``"mean"``: fill them with their mean.
+
+        Raises:
+            ValueError: no statistics to invert with (training mode, or eval without running
+                statistics, before any forward that normalized with batch statistics).
+
+        Example:
+            >>> import torch, batchnorm
+            >>> bn = batchnorm.BatchNorm2d(3)
+            >>> x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+            >>> bn = bn.double()
+            >>> torch.allclose(bn.inverse(bn(x)), x, rtol=0, atol=1e-12)
+            True
+        """
+        who = f"{self._describe()}.inverse"
+        if isinstance(self, LazyModuleMixin) and self.has_uninitialized_params():
+            raise ValueError(
+                f"{who}: expected a module initialized by a first forward, got an uninitialized lazy module"
+            )
+        self._check_input(output)
+        if mean is None or var is None:
+            use_running = not self.training and self.running_mean is not None and self.running_var is not None
+            default_mean, default_var = (
+                (self.running_mean, self.running_var) if use_running else (self.batch_mean, self.batch_var)
+            )
+            if default_mean is None or default_var is None:
+                mode = "training mode" if self.training else "eval mode without running statistics"
+                raise ValueError(
+                    f"{who}: expected batch statistics from an earlier forward in {mode}, got none yet "
+                    f"(batch_mean is None); run a forward first or pass mean= and var="
+                )
+            mean = default_mean if mean is None else mean
+            var = default_var if var is None else var
+        return BF.batch_norm_inverse_named(output, mean, var, self.weight, self.bias, self.eps, on_zero_weight, who)
 
 
 class BatchNorm(_BatchNormBase):
