@@ -133,18 +133,27 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def centered_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+# Below this many elements a tensor operation's fixed cost (a few microseconds) outweighs its
+# memory traffic, and fewer, more general operations win.
+_SMALL_NUMEL = 1 << 15
+
+
+def centered_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(mu, var, c, delta) by the corrected two-pass algorithm (Chan, Golub & LeVeque 1983):
 
         m = sum(x)/M,  c = x - m,  delta = sum(c)/M,  mu = m + delta,
         var = sum(c^2)/M - delta^2,
 
-    so that ``x - mu = c - delta``. Not E[x^2] - E[x]^2, which loses every digit in float32 when
-    |mu| >> sigma; delta recovers the rounding error of the first pass's float32 sum (torch's
+    so that ``x - mu = c - delta`` (delta None: c is x - mu already). Not E[x^2] - E[x]^2,
+    which loses every digit in float32 when |mu| >> sigma; delta recovers the rounding error of the first pass's float32 sum (torch's
     CPU kernel accumulates in float64 instead). Not for double backward (see :func:`batch_stats`).
     """
-    layout = _layout(x)
     xc = x.to(compute_dtype(x))
+    if x.numel() <= _SMALL_NUMEL:
+        # Per-call cost dominates small inputs: one var_mean instead of a dozen small operations.
+        mean, var = batch_stats(x)
+        return mean, var, xc - mean.view(channel_shape(x)), None
+    layout = _layout(x)
     count = x.numel() // x.shape[1]
     first_mean = channel_sum(xc, layout) / count
     centered = xc - first_mean.view(channel_shape(x))
@@ -159,8 +168,14 @@ def scale_shift(
     """r = 1/sqrt(var + eps), a = gamma * r, b = beta - mu * a; all (C,)."""
     invstd = torch.rsqrt(var + eps)
     scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
-    shift = -mean * scale if bias is None else bias.to(scale.dtype) - mean * scale
-    return invstd, scale, shift
+    return invstd, scale, _shift(mean, scale, bias)
+
+
+def _shift(mean: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """beta - mu * a, one operation."""
+    if bias is None:
+        return -mean * scale
+    return torch.addcmul(bias.to(scale.dtype), mean, scale, value=-1)
 
 
 def normalize(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
@@ -193,8 +208,14 @@ def forward_train(
     invstd, scale, _ = scale_shift(mean, var, weight, bias, eps)
     # y = (c - delta) * a + beta = c * a + (beta - delta * a), written into the centered buffer,
     # which is ours, instead of a new tensor.
-    shift = -delta * scale if bias is None else bias.to(scale.dtype) - delta * scale
-    y = torch.addcmul(shift.view(shape), centered, scale.view(shape), out=centered)
+    if delta is not None:
+        shift: Tensor | None = _shift(delta, scale, bias)
+    else:
+        shift = None if bias is None else bias.to(scale.dtype)
+    if shift is None:
+        y = centered.mul_(scale.view(shape))
+    else:
+        y = torch.addcmul(shift.view(shape), centered, scale.view(shape), out=centered)
     return y.to(x.dtype), mean, var, invstd
 
 

@@ -120,7 +120,7 @@ def update_running_stats(
 ) -> None:
     """running <- (1 - m) * running + m * batch, the variance unbiased by M / (M - 1).
 
-    ``lerp_`` is that update in one in-place operation: start + m * (end - start).
+    ``lerp_`` is that update in place: start + m * (end - start); one call updates both.
     """
     count = input.numel() // input.shape[1]
     batch_mean = mean.to(running_mean.dtype)
@@ -128,11 +128,10 @@ def update_running_stats(
     if skip_nonfinite:
         # A channel whose batch statistics are NaN/Inf keeps its running statistics this step:
         # lerp towards the running value itself is the identity.
-        finite = torch.isfinite(batch_mean) & torch.isfinite(batch_var)
+        finite = torch.isfinite(batch_mean).logical_and_(torch.isfinite(batch_var))
         batch_mean = torch.where(finite, batch_mean, running_mean)
         batch_var = torch.where(finite, batch_var, running_var)
-    running_mean.lerp_(batch_mean, momentum)
-    running_var.lerp_(batch_var, momentum)
+    torch._foreach_lerp_([running_mean, running_var], [batch_mean, batch_var], momentum)
 
 
 # ---------------------------------------------------------------------------------------------
