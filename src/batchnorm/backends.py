@@ -145,8 +145,9 @@ def centered_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         var = sum(c^2)/M - delta^2,
 
     so that ``x - mu = c - delta`` (delta None: c is x - mu already). Not E[x^2] - E[x]^2,
-    which loses every digit in float32 when |mu| >> sigma; delta recovers the rounding error of the first pass's float32 sum (torch's
-    CPU kernel accumulates in float64 instead). Not for double backward (see :func:`batch_stats`).
+    which loses every digit in float32 when |mu| >> sigma; delta recovers the rounding error of
+    the first pass's float32 sum (torch's CPU kernel accumulates in float64 instead). Not for
+    double backward (see :func:`batch_stats`).
     """
     xc = x.to(compute_dtype(x))
     if x.numel() <= _SMALL_NUMEL:
