@@ -1,0 +1,1 @@
+"""Experiments that live beside the library: data, models, training loops and the report."""
