@@ -112,8 +112,8 @@ def fold_conv_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
     who = "fold_conv_bn"
     if not isinstance(conv, _ConvNd):
         raise TypeError(f"{who}: expected a Conv1d/2d/3d or ConvTranspose1d/2d/3d, got {type(conv).__name__}")
-    _check_channels(conv.out_channels, bn, who)
     scale, shift = _eval_affine(bn, who)
+    _check_channels(conv.out_channels, bn, who)
     weight = conv.weight.detach().double()
     kernel = (1,) * (weight.dim() - 2)
     if isinstance(conv, _ConvTransposeNd):
@@ -140,8 +140,8 @@ def fold_linear_bn(linear: nn.Module, bn: nn.Module) -> nn.Module:
     who = "fold_linear_bn"
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"{who}: expected a torch.nn.Linear, got {type(linear).__name__}")
-    _check_channels(linear.out_features, bn, who)
     scale, shift = _eval_affine(bn, who)
+    _check_channels(linear.out_features, bn, who)
     weight = linear.weight.detach().double() * scale[:, None]  # (out, in): row o scaled by a_o
     bias = linear.bias.detach().double() if linear.bias is not None else torch.zeros_like(scale)
     return _folded_copy(linear, weight, bias * scale + shift)
@@ -191,6 +191,7 @@ def fold(model: nn.Module) -> nn.Module:
             f"fold: expected a model in eval mode (call model.eval()), got training mode in {', '.join(training[:3])}"
             + (f" and {len(training) - 3} more" if len(training) > 3 else "")
         )
+    _check_batch_norms_materialized(model)
     folded = copy.deepcopy(model)
     for container in [module for module in folded.modules() if isinstance(module, nn.Sequential)]:
         names = list(container._modules)
@@ -346,12 +347,18 @@ def _state(layer: nn.Module) -> list[Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _swap_types(model: nn.Module, mapping: dict[type[nn.Module], type[nn.Module]], caller: str) -> nn.Module:
-    _check_model(model, caller)
-
-    def convert(module: nn.Module, path: str) -> nn.Module | None:
+def _check_batch_norms_materialized(model: nn.Module) -> None:
+    """Before the deep copy, which cannot copy a lazy module's uninitialized parameters."""
+    for path, module in model.named_modules():
         if is_batch_norm(module):
             check_materialized(module, path)
+
+
+def _swap_types(model: nn.Module, mapping: dict[type[nn.Module], type[nn.Module]], caller: str) -> nn.Module:
+    _check_model(model, caller)
+    _check_batch_norms_materialized(model)
+
+    def convert(module: nn.Module, path: str) -> nn.Module | None:
         target = mapping.get(type(module))
         if target is None:
             return None
@@ -405,11 +412,11 @@ def freeze(model: nn.Module) -> nn.Module:
         (FrozenBatchNorm(4, eps=1e-05), [])
     """
     _check_model(model, "freeze")
+    _check_batch_norms_materialized(model)
 
     def convert(module: Any, path: str) -> nn.Module | None:
         if not _is_affine_batch_norm(module) or isinstance(module, FrozenBatchNorm):
             return None
-        check_materialized(module, path)
         if module.running_mean is None or module.running_var is None:
             raise ValueError(
                 f"freeze: expected every batch norm to have running statistics, got {describe(module, path)} "
