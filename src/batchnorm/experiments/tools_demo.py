@@ -291,6 +291,7 @@ def _bar_chart(values: dict[str, float], ylabel: str, title: str, out: str | Pat
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bars = ax.bar(list(values), list(values.values()), color=["#4c72b0", "#dd8452", "#55a868"][: len(values)])
     ax.bar_label(bars, fmt="%.3g")
+    ax.margins(y=0.15)  # room for the labels above the tallest bar
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.tight_layout()
