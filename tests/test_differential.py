@@ -252,3 +252,15 @@ def test_property_matches_torch(
         (yb * yb.detach().sin()).sum().backward()
         torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=1e-6 / scale)
     assert_state_equal(ours, theirs, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (0, 3, 2, 2)], ids=str)
+def test_empty_batch_gradient_sums_in_every_layout(shape: tuple[int, ...]) -> None:
+    """Statistics of an empty batch are sums over nothing: zeros, in every layout's kernel."""
+    from batchnorm import backends
+
+    x = torch.randn(shape)
+    mean = torch.zeros(3)
+    sums = backends.grad_sums(torch.randn(shape), x, mean)
+    for total in sums:
+        torch.testing.assert_close(total, torch.zeros(3))

@@ -22,6 +22,9 @@ from .modules import (
     LazyBatchNorm2d,
     LazyBatchNorm3d,
 )
+from .sync import SyncBatchNorm
+from .tools import fold, fold_conv_bn, fold_linear_bn, freeze, from_torch, recalibrate, to_torch
+from .variants import BatchRenorm, FrozenBatchNorm, GhostBatchNorm, renorm_schedule
 
 __version__ = "0.1.0"
 
@@ -31,15 +34,27 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormFlow",
+    "BatchRenorm",
+    "FrozenBatchNorm",
+    "GhostBatchNorm",
     "InversionResult",
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
     "NonInvertibleError",
+    "SyncBatchNorm",
     "__version__",
+    "fold",
+    "fold_conv_bn",
+    "fold_linear_bn",
+    "freeze",
+    "from_torch",
     "functional",
     "get_backend",
     "invert",
+    "recalibrate",
+    "renorm_schedule",
     "set_backend",
+    "to_torch",
     "using_backend",
 ]

@@ -26,6 +26,7 @@ The active backend is process-wide: :func:`set_backend`, :func:`get_backend`,
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -83,7 +84,8 @@ def _layout(x: Tensor) -> str:
 
 
 def _as_rows(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], x.shape[1], -1)  # (N, C, *) -> (N, C, L), a view
+    length = math.prod(x.shape[2:])  # explicit: -1 is ambiguous for an empty batch
+    return x.reshape(x.shape[0], x.shape[1], length)  # (N, C, *) -> (N, C, L), a view
 
 
 def _as_columns(x: Tensor) -> Tensor:

@@ -1,1 +1,1 @@
-"""Experiments that live beside the library: data, models, training and the report."""
+"""Experiments that live beside the library: data, models, training loops and the report."""

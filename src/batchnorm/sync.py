@@ -1,0 +1,248 @@
+r"""Synchronized batch norm: the statistics of the global batch across a ``torch.distributed`` group.
+
+The math is the local batch norm's (:mod:`batchnorm.backends`); only the per-channel sums cross
+the group, one collective in forward and one in backward (``docs/math.md``, notation there):
+
+forward, rank k with n_k values per channel, local mean mu_k and M2_k = sum (x - mu_k)^2:
+    gather (n_k, mu_k, M2_k) from every rank                        one all_gather of (2C + 1,)
+    n = sum n_k,  mu = sum n_k mu_k / n                              (Chan et al.'s parallel merge:
+    var = (sum M2_k + sum n_k (mu_k - mu)^2) / n                      no E[x^2] - E[x]^2 anywhere)
+    y = gamma (x - mu) / sqrt(var + eps) + beta
+backward:
+    s1 = sum dy,  s2 = sum dy (x - mu) over the rank, then summed over the group  one all_reduce of (2C,)
+    dx = gamma r (dy - s1/n - (x - mu) r^2 s2/n)                     with the GLOBAL count n
+    dgamma = local s2 * r,  dbeta = local s1                         (DDP sums them over ranks)
+
+Per-rank batch sizes may differ and a rank with an empty batch takes part (n_k = 0). Every rank
+of the group must call forward and backward the same number of times, as with torch's
+SyncBatchNorm. Gloo (CPU) and NCCL (GPU) both run it; without an initialized process group, or
+with a group of one, the module is the local :class:`batchnorm.BatchNorm`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import backends
+from . import functional as BF
+from ._convert import rebuild, swap_modules
+from .modules import BatchNorm
+
+__all__ = ["SyncBatchNorm"]
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Training batch norm over the group's global batch; returns (y, mu, var, n), n a 0-d tensor."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        group: Any,
+        world_size: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        cdt = backends.compute_dtype(x)
+        channels = x.shape[1]
+        local_count = x.numel() // channels
+        if local_count > 0:
+            mean, var = backends.batch_stats(x)  # (N, C, *) -> (C,), (C,)
+        else:
+            # An empty rank contributes n_k = 0; zeros keep NaN out of the weighted sums.
+            mean = var = torch.zeros(channels, dtype=cdt, device=x.device)
+        # Packed in float64: counts stay exact beyond 2**24 and the merge adds no rounding of its own.
+        local = torch.cat(
+            [
+                torch.tensor([float(local_count)], dtype=torch.float64, device=x.device),
+                mean.to(torch.float64),
+                var.to(torch.float64) * local_count,  # M2_k = n_k * biased var_k
+            ]
+        )  # (2C + 1,)
+        gathered = [torch.empty_like(local) for _ in range(world_size)]
+        dist.all_gather(gathered, local, group=group)  # world_size x (2C + 1,)
+        stats = torch.stack(gathered)  # (W, 2C + 1)
+        counts, means, m2s = stats[:, :1], stats[:, 1 : channels + 1], stats[:, channels + 1 :]  # (W, 1), (W, C)
+        total = counts.sum()  # () : n, the global values per channel
+        n = int(total.item())
+        if n == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {x.size()} on this rank "
+                f"and 1 value per channel over the process group"
+            )
+        if n == 0:
+            # Every rank is empty: as the local batch norm, an empty output and NaN statistics.
+            global_mean = global_var = torch.full((channels,), float("nan"), dtype=cdt, device=x.device)
+            invstd = global_mean
+            y = x.clone()
+        else:
+            merged_mean = (counts * means).sum(0) / total  # (W, C) -> (C,)
+            merged_m2 = m2s.sum(0) + (counts * (means - merged_mean) ** 2).sum(0)  # (W, C) -> (C,)
+            global_mean = merged_mean.to(cdt)
+            global_var = (merged_m2 / total).to(cdt)
+            y, invstd = backends.forward_eval(x, global_mean, global_var, weight, bias, eps)
+        ctx.count = n
+        ctx.group = group
+        parameter = weight if weight is not None else bias
+        ctx.param_dtype = parameter.dtype if parameter is not None else x.dtype
+        ctx.save_for_backward(x, weight, global_mean, invstd)
+        count_out = total.to(cdt)
+        ctx.mark_non_differentiable(global_mean, global_var, count_out)
+        return y, global_mean, global_var, count_out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor, *_grad_stats: Any) -> tuple[Tensor | None, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        channels = x.shape[1]
+        grad_input: Tensor | None = None
+        if ctx.count == 0:
+            zeros = torch.zeros(channels, dtype=mean.dtype, device=x.device)
+            sum_dy, grad_weight = zeros, zeros
+            if need_input:
+                grad_input = torch.zeros_like(x)
+        else:
+            sum_dy, sum_dy_xmu = backends.grad_sums(grad_output, x, mean)  # (N, C, *) -> (C,), (C,)
+            grad_weight = sum_dy_xmu * invstd
+            if need_input:
+                packed = torch.cat([sum_dy, sum_dy_xmu])  # (2C,)
+                dist.all_reduce(packed, group=ctx.group)  # (2C,) summed over the group
+                grad_input = backends.input_grad_train(
+                    grad_output, x, weight, mean, invstd, packed[:channels], packed[channels:], ctx.count
+                )
+        return (
+            grad_input,
+            grad_weight.to(ctx.param_dtype) if need_weight else None,
+            sum_dy.to(ctx.param_dtype) if need_bias else None,
+            None,
+            None,
+            None,
+        )
+
+
+class SyncBatchNorm(BatchNorm):
+    r"""Batch norm whose statistics span every rank of a ``torch.distributed`` process group.
+
+    Equal to :class:`batchnorm.BatchNorm` applied to the concatenation of all ranks' batches:
+    outputs, input gradients, the parameter gradients summed over ranks (what DDP all-reduces),
+    running statistics (global mean, global unbiased variance) and ``num_batches_tracked``. The
+    per-channel count, mean and sum of squared deviations are merged with the parallel-variance
+    formula in one all_gather per forward; backward all-reduces the two per-channel gradient sums
+    once. Runs on gloo (CPU tensors) and NCCL (CUDA tensors). Double backward is not supported.
+
+    When no process group is initialized, or the group has one rank, or the module normalizes
+    with running statistics (eval), it computes exactly as :class:`batchnorm.BatchNorm`.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, skip_nonfinite: as
+            :class:`batchnorm.BatchNorm`.
+        process_group: the group to synchronize over; None (default) is the default group.
+
+    Shape:
+        input (N, C, \*) with N possibly different on every rank (0 included), output the same.
+
+    Example:
+        >>> import torch, batchnorm
+        >>> bn = batchnorm.SyncBatchNorm(4)  # no process group here: local batch norm
+        >>> x = torch.randn(8, 4, 3)
+        >>> torch.equal(bn(x), batchnorm.BatchNorm(4)(x))
+        True
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        skip_nonfinite: bool = True,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, skip_nonfinite=skip_nonfinite
+        )
+        self.process_group = process_group
+
+    def _world_size(self) -> int:
+        if not dist.is_available() or not dist.is_initialized():
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def forward(self, input: Tensor) -> Tensor:
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        world_size = self._world_size() if use_batch_stats else 1
+        if world_size == 1:
+            local: Tensor = super().forward(input)
+            return local
+        self._check_input(input)
+        update = self.training and self.track_running_stats
+        running_mean = self.running_mean if update else None
+        running_var = self.running_var if update else None
+        factor: float = 0.0 if self.momentum is None else self.momentum
+        counter = self.num_batches_tracked
+        if update and counter is not None and self.momentum is None:
+            # Cumulative moving average: the n-th batch gets weight 1/n.
+            factor = 1.0 / float(counter + 1)
+        BF.check_arguments(
+            input, running_mean, running_var, self.weight, self.bias, True, factor, self.eps, self._describe()
+        )
+        output, mean, var, count = _SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]
+            input, self.weight, self.bias, self.eps, self.process_group, world_size
+        )
+        n = int(count.item())
+        if running_mean is not None and running_var is not None and n > 0:
+            # update_running_stats reads the count n from its input's shape; a zero-stride (n, C)
+            # view stands for the global batch without allocating it.
+            global_batch = input.new_empty(()).expand(n, self.num_features)
+            BF.update_running_stats(running_mean, running_var, mean, var, global_batch, factor, self.skip_nonfinite)
+        if update and counter is not None:
+            counter.add_(1)
+        self.batch_mean = mean.detach()
+        self.batch_var = var.detach()
+        result: Tensor = output
+        return result
+
+    def extra_repr(self) -> str:
+        group = "" if self.process_group is None else f", process_group={self.process_group}"
+        return super().extra_repr() + group
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
+        """Replace every batch norm in ``module`` (torch's and ours) by a :class:`SyncBatchNorm`.
+
+        As torch's ``convert_sync_batchnorm``: children are replaced in place and the (possibly
+        new) root is returned; the new layers share the old ones' parameters and buffers and keep
+        their mode, device and dtype. The batch-norm variants (ghost, renorm, frozen) and existing
+        :class:`SyncBatchNorm` layers are left alone. Nothing changes when it raises (a lazy
+        batch norm that has not seen an input, a torch batch norm built with ``bias=False``).
+
+        Example:
+            >>> import torch, batchnorm
+            >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+            >>> model = batchnorm.SyncBatchNorm.convert_sync_batchnorm(model)
+            >>> type(model[1]).__name__
+            'SyncBatchNorm'
+        """
+        from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _LazyBatchNormBase
+
+        ours = (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d)
+
+        def convert(child: nn.Module, path: str) -> nn.Module | None:
+            # torch's batch norms (its SyncBatchNorm included) and our plain ones; not the variants.
+            if isinstance(child, _BatchNorm) or type(child) in ours or isinstance(child, _LazyBatchNormBase):
+                return rebuild(child, cls, path, process_group=process_group)
+            return None
+
+        return swap_modules(module, convert)

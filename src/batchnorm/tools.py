@@ -1,0 +1,437 @@
+r"""Tools that walk a model: fold, recalibrate, from_torch, to_torch, freeze.
+
+Each returns a new model and leaves its argument untouched, except :func:`recalibrate`, which
+works in place by design. They work on torch's batch-norm modules and on ours. The tensor math
+sits in small helpers (:func:`fold_conv_bn`, :func:`fold_linear_bn`) that the tree walks call.
+
+Folding, for a batch norm in eval mode with running statistics mu, var and affine gamma, beta:
+
+    BN(z) = a * z + c,   a = gamma / sqrt(var + eps),   c = beta - mu * a      (per channel)
+    BN(W x + b) = (a W) x + (a b + c)                                         (a scales W's rows)
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterable, Sized
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+
+from . import modules as M
+from ._convert import check_materialized, describe, is_batch_norm, rebuild, swap_modules
+from .sync import SyncBatchNorm
+from .variants import FrozenBatchNorm
+
+__all__ = ["fold", "fold_conv_bn", "fold_linear_bn", "freeze", "from_torch", "recalibrate", "to_torch"]
+
+#: Batch norms whose eval mode is exactly the per-channel affine map of their running statistics:
+#: torch's, ours (the ghost, renorm and sync variants included: their eval is plain batch norm)
+#: and FrozenBatchNorm. These are the ones fold and freeze replace.
+AFFINE_BATCH_NORMS: tuple[type[nn.Module], ...] = (_BatchNorm, M.BatchNorm, M.BatchNorm1d, M.BatchNorm2d, M.BatchNorm3d)
+
+_TO_OURS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: M.BatchNorm1d,
+    nn.BatchNorm2d: M.BatchNorm2d,
+    nn.BatchNorm3d: M.BatchNorm3d,
+    nn.SyncBatchNorm: SyncBatchNorm,
+}
+_TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {ours: theirs for theirs, ours in _TO_OURS.items()}
+
+
+def _is_affine_batch_norm(module: object) -> bool:
+    """One of AFFINE_BATCH_NORMS or a FrozenBatchNorm (a helper, so that mypy keeps the type)."""
+    return isinstance(module, (*AFFINE_BATCH_NORMS, FrozenBatchNorm))
+
+
+def _check_model(model: object, caller: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}: expected a torch.nn.Module, got {type(model).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# fold
+# ---------------------------------------------------------------------------------------------
+
+
+def _eval_affine(bn: Any, who: str) -> tuple[Tensor, Tensor]:
+    """(a, c) of BN(z) = a * z + c, both (C,) in float64, from an eval-mode batch norm."""
+    if not _is_affine_batch_norm(bn):
+        raise TypeError(f"{who}: expected a batch norm (torch's or batchnorm's), got {type(bn).__name__}")
+    check_materialized(bn, "")
+    if bn.training and not isinstance(bn, FrozenBatchNorm):
+        raise ValueError(f"{who}: expected the batch norm in eval mode (call .eval()), got training mode")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(
+            f"{who}: expected a batch norm with running statistics, got one without "
+            f"(track_running_stats=False normalizes every batch with its own statistics, which no weight can hold)"
+        )
+    invstd = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+    weight = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(invstd)
+    bias = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(invstd)
+    scale = weight * invstd
+    return scale, bias - bn.running_mean.detach().double() * scale
+
+
+def _folded_copy(layer: nn.Module, weight: Tensor, bias: Tensor) -> nn.Module:
+    """A copy of ``layer`` with new weight and bias (always present), in the layer's dtype."""
+    new = copy.deepcopy(layer)
+    old_weight = layer.weight
+    assert isinstance(old_weight, Tensor)
+    new.weight = nn.Parameter(weight.to(old_weight.dtype), requires_grad=old_weight.requires_grad)
+    new.bias = nn.Parameter(bias.to(old_weight.dtype), requires_grad=old_weight.requires_grad)
+    return new
+
+
+def _check_channels(out_features: int, bn: nn.Module, who: str) -> None:
+    if bn.num_features != out_features:
+        raise ValueError(
+            f"{who}: expected a batch norm over the layer's {out_features} output channels, got num_features="
+            f"{bn.num_features}"
+        )
+
+
+def fold_conv_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
+    r"""A convolution equal to ``bn(conv(x))`` for eval-mode ``bn``: the batch norm in the weights.
+
+    Works for ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` with any ``groups``, with or without
+    bias (the result always has one). Computed in float64 and stored in the convolution's dtype.
+    Neither argument changes.
+
+    Example:
+        >>> import torch, batchnorm
+        >>> conv, bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4).eval()
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> torch.allclose(batchnorm.fold_conv_bn(conv, bn)(x), bn(conv(x)), atol=1e-5)
+        True
+    """
+    who = "fold_conv_bn"
+    if not isinstance(conv, _ConvNd):
+        raise TypeError(f"{who}: expected a Conv1d/2d/3d or ConvTranspose1d/2d/3d, got {type(conv).__name__}")
+    scale, shift = _eval_affine(bn, who)
+    _check_channels(conv.out_channels, bn, who)
+    weight = conv.weight.detach().double()
+    kernel = (1,) * (weight.dim() - 2)
+    if isinstance(conv, _ConvTransposeNd):
+        # (in, out/g, *k) -> (g, in/g, out/g, *k): output channel o is column o % (out/g) of group o // (out/g).
+        groups = conv.groups
+        grouped = weight.view(groups, weight.shape[0] // groups, *weight.shape[1:])
+        weight = (grouped * scale.view(groups, 1, -1, *kernel)).view_as(weight)
+    else:
+        weight = weight * scale.view(-1, 1, *kernel)  # (out, in/g, *k): row o scaled by a_o
+    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(scale)
+    return _folded_copy(conv, weight, bias * scale + shift)
+
+
+def fold_linear_bn(linear: nn.Module, bn: nn.Module) -> nn.Module:
+    """A ``Linear`` equal to ``bn(linear(x))`` for eval-mode ``bn``; neither argument changes.
+
+    Example:
+        >>> import torch, batchnorm
+        >>> linear, bn = torch.nn.Linear(5, 3, bias=False), batchnorm.BatchNorm1d(3).eval()
+        >>> x = torch.randn(4, 5)
+        >>> torch.allclose(batchnorm.fold_linear_bn(linear, bn)(x), bn(linear(x)), atol=1e-6)
+        True
+    """
+    who = "fold_linear_bn"
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"{who}: expected a torch.nn.Linear, got {type(linear).__name__}")
+    scale, shift = _eval_affine(bn, who)
+    _check_channels(linear.out_features, bn, who)
+    weight = linear.weight.detach().double() * scale[:, None]  # (out, in): row o scaled by a_o
+    bias = linear.bias.detach().double() if linear.bias is not None else torch.zeros_like(scale)
+    return _folded_copy(linear, weight, bias * scale + shift)
+
+
+def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
+    if not _is_affine_batch_norm(bn) or getattr(bn, "running_mean", None) is None:
+        return False
+    if isinstance(layer, _ConvNd):
+        return bool(bn.num_features == layer.out_channels)
+    return isinstance(layer, nn.Linear) and bool(bn.num_features == layer.out_features)
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """A new eval-mode model with every batch norm that follows a convolution or linear layer folded.
+
+    The rule for "follows": the two are consecutive children of an ``nn.Sequential`` (the only
+    container whose order of children is the order of execution). The layer is a
+    ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` or ``Linear``; the batch norm is torch's or ours
+    (or a FrozenBatchNorm), has running statistics, and normalizes the layer's output channels.
+    The layer becomes :func:`fold_conv_bn` / :func:`fold_linear_bn` of the pair and the batch
+    norm becomes ``nn.Identity``, so the module names stay. Batch norms that follow anything
+    else are kept. ``model`` itself does not change.
+
+    Raises:
+        ValueError: ``model`` or one of its modules is in training mode (folding uses the running
+            statistics, which training mode does not).
+
+    Example:
+        >>> import torch, batchnorm
+        >>> model = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3), batchnorm.BatchNorm1d(4), torch.nn.ReLU()).eval()
+        >>> folded = batchnorm.fold(model)
+        >>> folded
+        Sequential(
+          (0): Conv1d(2, 4, kernel_size=(3,), stride=(1,))
+          (1): Identity()
+          (2): ReLU()
+        )
+        >>> x = torch.randn(3, 2, 10)
+        >>> torch.allclose(folded(x), model(x), atol=1e-6)
+        True
+    """
+    _check_model(model, "fold")
+    training = [path or "the model" for path, module in model.named_modules() if module.training]
+    if training:
+        raise ValueError(
+            f"fold: expected a model in eval mode (call model.eval()), got training mode in {', '.join(training[:3])}"
+            + (f" and {len(training) - 3} more" if len(training) > 3 else "")
+        )
+    _check_batch_norms_materialized(model)
+    folded = copy.deepcopy(model)
+    for container in [module for module in folded.modules() if isinstance(module, nn.Sequential)]:
+        names = list(container._modules)
+        for first, second in itertools.pairwise(names):
+            layer, bn = container._modules[first], container._modules[second]
+            if layer is not None and bn is not None and _foldable(layer, bn):
+                fold_pair = fold_linear_bn if isinstance(layer, nn.Linear) else fold_conv_bn
+                container._modules[first] = fold_pair(layer, bn)
+                container._modules[second] = nn.Identity()
+    return folded
+
+
+# ---------------------------------------------------------------------------------------------
+# recalibrate
+# ---------------------------------------------------------------------------------------------
+
+
+class _PooledStats:
+    """Count, mean and sum of squared deviations M2 of every value a layer saw, per channel, in float64.
+
+    Batches merge by Chan et al.'s parallel formula: n = n_a + n_b,
+    mu = mu_a + (mu_b - mu_a) n_b / n,  M2 = M2_a + M2_b + (mu_b - mu_a)^2 n_a n_b / n.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: Tensor | None = None
+        self.m2: Tensor | None = None
+
+    def add(self, x: Tensor) -> None:
+        n = x.numel() // x.shape[1]
+        if n == 0:
+            return
+        dims = [0, *range(2, x.dim())]
+        var, mean = torch.var_mean(x.detach().double(), dim=dims, correction=0)  # (N, C, *) -> (C,), (C,)
+        m2 = var * n
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * n / total)
+        self.count = total
+
+
+def _batch_input(batch: object) -> Any:
+    """The model input of one batch: the batch itself, or the first element of a tuple or list."""
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError(
+                "recalibrate: expected a non-empty tuple or list (input, ...) as a batch, got an empty one"
+            )
+        return batch[0]
+    return batch
+
+
+def recalibrate(
+    model: nn.Module, batches: Iterable[Any], num_batches: int | None = None, progress: bool = False
+) -> nn.Module:
+    """Precise batch norm, IN PLACE: running statistics from the population of the given batches.
+
+    Runs ``batches`` through ``model`` in training mode under ``no_grad`` (every batch norm
+    normalizes with its batch statistics, as in training; no parameter changes), and replaces the
+    ``running_mean`` and ``running_var`` of every batch norm with running statistics with the
+    mean and the unbiased variance of ALL the values each one saw in its input, pooled over
+    every batch (not the average of per-batch variances, which underestimates the population
+    variance by the spread of the batch means). During the pass the running statistics are held
+    still (momentum 0); afterwards every module's mode and every batch norm's momentum and
+    ``num_batches_tracked`` are as they were. A batch norm that sees no input keeps its
+    statistics. When it raises (a failing forward, no batches) the model is as it was.
+
+    Args:
+        model: the model (changed in place).
+        batches: an iterable of inputs, or of tuples/lists whose first element is the input
+            (a DataLoader of ``(x, y)`` works); already on the model's device.
+        num_batches: use at most this many batches. Default: all.
+        progress: show a tqdm progress bar. Default: False.
+
+    Returns:
+        ``model``.
+
+    Example:
+        >>> import torch, batchnorm
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2), batchnorm.BatchNorm1d(2)).eval()
+        >>> data = [torch.randn(16, 3) for _ in range(4)]
+        >>> _ = batchnorm.recalibrate(model, data)
+        >>> z = model[0](torch.cat(data)).detach()
+        >>> torch.allclose(model[1].running_var, z.var(0)), model.training
+        (True, False)
+    """
+    _check_model(model, "recalibrate")
+    if num_batches is not None and (
+        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches <= 0
+    ):
+        raise ValueError(f"recalibrate: expected num_batches to be a positive int or None, got {num_batches!r}")
+    layers: list[Any] = [
+        module
+        for module in model.modules()
+        if is_batch_norm(module) and module.running_mean is not None and module.running_var is not None
+    ]
+    pooled = {layer: _PooledStats() for layer in layers}
+    modes = {module: module.training for module in model.modules()}
+    saved = {layer: (layer.momentum, [t.clone() for t in _state(layer)]) for layer in layers}
+    hooks = [layer.register_forward_pre_hook(lambda layer, args: pooled[layer].add(args[0])) for layer in layers]
+    iterator: Iterable[Any] = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = num_batches if num_batches is not None else (len(batches) if isinstance(batches, Sized) else None)
+        iterator = tqdm(batches, total=total, desc="recalibrate", unit="batch")
+    seen = 0
+    try:
+        model.train()
+        for layer in layers:
+            layer.momentum = 0.0
+        with torch.no_grad():
+            for batch in iterator:
+                if num_batches is not None and seen >= num_batches:
+                    break
+                model(_batch_input(batch))
+                seen += 1
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, mode in modes.items():
+            module.training = mode
+        for layer, (momentum, state) in saved.items():
+            layer.momentum = momentum
+            for tensor, value in zip(_state(layer), state, strict=True):
+                tensor.copy_(value)
+        if progress:
+            iterator.close()  # type: ignore[attr-defined]
+    if seen == 0:
+        raise ValueError("recalibrate: expected at least one batch, got none")
+    with torch.no_grad():
+        for layer, stats in pooled.items():
+            if stats.mean is None or stats.m2 is None or stats.count < 2:
+                continue
+            layer.running_mean.copy_(stats.mean)
+            layer.running_var.copy_(stats.m2 / (stats.count - 1))  # unbiased: M2 / (n - 1)
+    return model
+
+
+def _state(layer: nn.Module) -> list[Tensor]:
+    """The tensors a training forward may change: running statistics and the batch counter."""
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    return [tensor for tensor in (getattr(layer, name, None) for name in names) if isinstance(tensor, Tensor)]
+
+
+# ---------------------------------------------------------------------------------------------
+# from_torch, to_torch, freeze
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_batch_norms_materialized(model: nn.Module) -> None:
+    """Before the deep copy, which cannot copy a lazy module's uninitialized parameters."""
+    for path, module in model.named_modules():
+        if is_batch_norm(module):
+            check_materialized(module, path)
+
+
+def _swap_types(model: nn.Module, mapping: dict[type[nn.Module], type[nn.Module]], caller: str) -> nn.Module:
+    _check_model(model, caller)
+    _check_batch_norms_materialized(model)
+
+    def convert(module: nn.Module, path: str) -> nn.Module | None:
+        target = mapping.get(type(module))
+        if target is None:
+            return None
+        extra = {"process_group": module.process_group} if target in (SyncBatchNorm, nn.SyncBatchNorm) else {}
+        return rebuild(module, target, path, **extra)
+
+    return swap_modules(copy.deepcopy(model), convert)
+
+
+def from_torch(model: nn.Module) -> nn.Module:
+    """A new model with torch's ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` replaced by ours.
+
+    Weights, buffers, mode, device and dtype are kept; ``model`` does not change. Raises
+    ValueError for a lazy batch norm that has not seen an input and for torch's ``bias=False``.
+
+    Example:
+        >>> import torch, batchnorm
+        >>> model = batchnorm.from_torch(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)))
+        >>> type(model[1])
+        <class 'batchnorm.modules.BatchNorm1d'>
+    """
+    return _swap_types(model, _TO_OURS, "from_torch")
+
+
+def to_torch(model: nn.Module) -> nn.Module:
+    """A new model with our ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` replaced by torch's.
+
+    Weights, buffers, mode, device and dtype are kept; ``model`` does not change. Modules with
+    no torch counterpart (the rank-agnostic ``BatchNorm``, the ghost, renorm and frozen variants)
+    are kept as they are.
+
+    Example:
+        >>> import torch, batchnorm
+        >>> type(batchnorm.to_torch(torch.nn.Sequential(batchnorm.BatchNorm2d(4)))[0])
+        <class 'torch.nn.modules.batchnorm.BatchNorm2d'>
+    """
+    return _swap_types(model, _TO_TORCH, "to_torch")
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """A new model with every batch norm (torch's and ours) replaced by a :class:`FrozenBatchNorm`.
+
+    Each frozen layer computes what the batch norm computes in eval mode, whatever the model's
+    mode; its weight and bias become buffers, so they no longer train. ``model`` does not change.
+    Raises ValueError for a batch norm without running statistics, naming it.
+
+    Example:
+        >>> import torch, batchnorm
+        >>> frozen = batchnorm.freeze(torch.nn.Sequential(torch.nn.BatchNorm2d(4)))
+        >>> frozen[0], list(frozen.parameters())
+        (FrozenBatchNorm(4, eps=1e-05), [])
+    """
+    _check_model(model, "freeze")
+    _check_batch_norms_materialized(model)
+
+    def convert(module: Any, path: str) -> nn.Module | None:
+        if not _is_affine_batch_norm(module) or isinstance(module, FrozenBatchNorm):
+            return None
+        if module.running_mean is None or module.running_var is None:
+            raise ValueError(
+                f"freeze: expected every batch norm to have running statistics, got {describe(module, path)} "
+                f"without (track_running_stats=False)"
+            )
+        frozen = FrozenBatchNorm(
+            module.num_features, module.eps, device=module.running_mean.device, dtype=module.running_mean.dtype
+        )
+        frozen.running_mean = module.running_mean.detach().clone()
+        frozen.running_var = module.running_var.detach().clone()
+        if module.weight is not None:
+            frozen.weight = module.weight.detach().clone()
+        if module.bias is not None:
+            frozen.bias = module.bias.detach().clone()
+        frozen.train(module.training)
+        return frozen
+
+    return swap_modules(copy.deepcopy(model), convert)
