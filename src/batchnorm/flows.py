@@ -134,7 +134,13 @@ class BatchNormFlow(nn.Module):
                 # Cumulative moving average: the n-th batch gets weight 1/n.
                 factor = 1.0 / float(self.num_batches_tracked + 1)
             BF.update_running_stats(
-                self.running_mean, self.running_var, mean.detach(), var.detach(), x, factor, skip_nonfinite=True
+                self.running_mean,
+                self.running_var,
+                mean.detach(),
+                var.detach(),
+                x.numel() // x.shape[1],
+                factor,
+                skip_nonfinite=True,
             )
             self.num_batches_tracked.add_(1)
             self.batch_mean, self.batch_var = mean.detach(), var.detach()

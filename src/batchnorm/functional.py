@@ -102,7 +102,8 @@ def batch_norm_with_stats(
         check_batch_size(input)
         output, mean, var = apply_batch_norm(input, weight, bias, None, None, eps)
         if running_mean is not None and running_var is not None and input.numel() > 0:
-            update_running_stats(running_mean, running_var, mean, var, input, momentum, skip_nonfinite)
+            count = input.numel() // input.shape[1]
+            update_running_stats(running_mean, running_var, mean, var, count, momentum, skip_nonfinite)
     else:
         output, mean, var = apply_batch_norm(input, weight, bias, running_mean, running_var, eps)
     return output, mean, var
@@ -114,15 +115,15 @@ def update_running_stats(
     running_var: Tensor,
     mean: Tensor,
     var: Tensor,
-    input: Tensor,
+    count: int,
     momentum: float,
     skip_nonfinite: bool,
 ) -> None:
-    """running <- (1 - m) * running + m * batch, the variance unbiased by M / (M - 1).
+    """running <- (1 - m) * running + m * batch, the variance unbiased by M / (M - 1), where
+    M = ``count`` is the number of values per channel the batch statistics came from.
 
     ``lerp_`` is that update in place: start + m * (end - start); one call updates both.
     """
-    count = input.numel() // input.shape[1]
     batch_mean = mean.to(running_mean.dtype)
     batch_var = (var * (count / (count - 1))).to(running_var.dtype)
     if skip_nonfinite:

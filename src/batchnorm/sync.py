@@ -203,10 +203,7 @@ class SyncBatchNorm(BatchNorm):
         )
         n = int(count.item())
         if running_mean is not None and running_var is not None and n > 0:
-            # update_running_stats reads the count n from its input's shape; a zero-stride (n, C)
-            # view stands for the global batch without allocating it.
-            global_batch = input.new_empty(()).expand(n, self.num_features)
-            BF.update_running_stats(running_mean, running_var, mean, var, global_batch, factor, self.skip_nonfinite)
+            BF.update_running_stats(running_mean, running_var, mean, var, n, factor, self.skip_nonfinite)
         if update and counter is not None:
             counter.add_(1)
         self.batch_mean = mean.detach()
