@@ -1,21 +1,111 @@
-"""The ``batchnorm`` command."""
+"""The ``batchnorm`` command.
+
+Each subcommand is an ``add_<name>(subparsers)`` function that declares its options and sets
+``handler``, the function ``main`` calls with the parsed arguments; it returns the exit status.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
 
+# Exit status for bad input (argparse's convention).
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (argparse prints the usage too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def add_demo(subparsers: argparse._SubParsersAction[_Parser]) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="train the paper's networks with and without batch norm and write a report",
+        description=(
+            "Reproduce Ioffe & Szegedy (2015) Figure 1 and the classic batch-norm demonstrations; "
+            "write index.html, one PNG per figure and summary.json."
+        ),
+    )
+    parser.add_argument("--data", choices=("digits", "mnist"), default="digits", help="default: digits (bundled)")
+    parser.add_argument("--data-dir", type=Path, help="folder with the four MNIST IDX files (raw or .gz)")
+    parser.add_argument("--steps", type=_positive_int, help="training steps of every run (default 4000, quick 300)")
+    parser.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+    parser.add_argument("--out", type=Path, default=Path("bn-report"), help="report folder (default: bn-report)")
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="default: 0; same seed, same numbers")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
+    parser.set_defaults(handler=run_demo_command)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    prog = "batchnorm demo"
+    try:
+        # Imported here: the experiments need the optional extra, the rest of the command not.
+        from .experiments import DataError, DemoConfig, DemoError, run_demo
+    except ImportError as error:
+        print(
+            f"{prog}: error: needs the experiments extra (pip install 'batchnorm[experiments]'): {error}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    config = DemoConfig(
+        data=args.data,
+        data_dir=args.data_dir,
+        steps=args.steps,
+        quick=args.quick,
+        out=args.out,
+        seed=args.seed,
+        device=args.device,
+    )
+    try:
+        summary = run_demo(config)
+    except (DataError, DemoError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"report written to {config.out / 'index.html'} in {summary['runtime_seconds']} s")
+    for key, title in (("paper_mlp", "paper MLP"), ("lenet", "LeNet")):
+        print(
+            f"{title} final test accuracy: {summary[key]['bn']['final_test_accuracy']:.1%} with batch norm, "
+            f"{summary[key]['plain']['final_test_accuracy']:.1%} without"
+        )
+    return 0
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="batchnorm",
         description="Batch normalization from first principles: experiments and benchmarks.",
     )
     parser.add_argument("--version", action="version", version=f"batchnorm {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_demo(subparsers)
     return parser
 
 
@@ -25,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    status: int = args.handler(args)
+    return status
 
 
 if __name__ == "__main__":
