@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo figures test lint typecheck bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/batchnorm demo
+
+# The README's figure: Figure 1 of the default demo (docs/experiments.md).
+figures: $(STAMP)
+	$(BIN)/batchnorm demo --out bn-report
+	cp bn-report/paper_mlp.png docs/figures/paper_mlp.png
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests

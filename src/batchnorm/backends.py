@@ -339,6 +339,7 @@ class Kernels:
 
 EAGER = Kernels("eager", forward_train, forward_eval, backward_train, backward_eval)
 
+
 class _CompiledKernels:
     """The eager kernels under ``torch.compile``, built on first use.
 

@@ -1,0 +1,167 @@
+"""``batchnorm demo``: run every report section and write ``bn-report/``.
+
+How to add a section (the inversion and tools issues do this):
+
+1. Write ``section(ctx: Context) -> Section`` in a module of this package. Get trained models
+   through ``ctx`` (for example ``lenet.lenet_runs(ctx)["bn"].model``: trained once, shared by
+   every section that asks), build matplotlib figures with ``matplotlib.figure.Figure`` (no
+   pyplot), and return them as :class:`~batchnorm.experiments.report.Figure` objects, each with a
+   caption that says what to see and the numbers, plus any tables and a JSON-serializable
+   ``summary`` dict, which lands in ``summary.json`` under the section's ``key``.
+2. Append the function to :data:`SECTIONS`. Sections run in that order, each under the same
+   seed, thread count and backend.
+
+Nothing else changes: the writer lays out ``index.html``, the PNGs and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..backends import using_backend
+from . import lenet, paper, points, running_stats
+from .data import Dataset, load_digits, load_mnist
+from .report import Context, DemoError, Section, check_output_dir, write_report
+
+__all__ = ["DATASETS", "DEFAULT_STEPS", "QUICK_STEPS", "SECTIONS", "DemoConfig", "run_demo"]
+
+SECTIONS: list[Callable[[Context], Section]] = [
+    paper.section,
+    lenet.section,
+    running_stats.section,
+    points.section,
+]
+
+DATASETS = ("digits", "mnist")
+# Steps of every training run; chosen to fit the time budget on 2 CPU cores (docs/experiments.md).
+DEFAULT_STEPS = 4000
+QUICK_STEPS = 300
+DEFAULT_EVAL_POINTS = 40
+QUICK_EVAL_POINTS = 15
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The options of ``batchnorm demo`` (see ``batchnorm demo --help``)."""
+
+    data: str = "digits"
+    data_dir: Path | None = None
+    steps: int | None = None
+    quick: bool = False
+    out: Path = Path("bn-report")
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    @property
+    def resolved_steps(self) -> int:
+        if self.steps is not None:
+            return self.steps
+        return QUICK_STEPS if self.quick else DEFAULT_STEPS
+
+    def validate(self) -> None:
+        """Raise :class:`DemoError` for options that cannot work, before any work is done."""
+        if self.data not in DATASETS:
+            raise DemoError(f"expected --data to be one of {', '.join(DATASETS)}, got {self.data!r}")
+        if self.data == "mnist" and self.data_dir is None:
+            raise DemoError("--data mnist needs --data-dir DIR with the four MNIST IDX files")
+        if self.data != "mnist" and self.data_dir is not None:
+            raise DemoError(f"--data-dir is only read with --data mnist, got --data {self.data}")
+        if self.steps is not None and (isinstance(self.steps, bool) or self.steps <= 0):
+            raise DemoError(f"expected --steps to be a positive integer, got {self.steps!r}")
+        if self.seed < 0:
+            raise DemoError(f"expected --seed to be a non-negative integer, got {self.seed}")
+        if self.device not in ("cpu", "cuda"):
+            raise DemoError(f"expected --device cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            build = "a CPU-only build of torch" if torch.version.cuda is None else "no CUDA device visible"
+            raise DemoError(f"--device cuda requested, but CUDA is not available ({build}); use --device cpu")
+
+
+def load_data(config: DemoConfig) -> Dataset:
+    if config.data == "mnist":
+        assert config.data_dir is not None
+        return load_mnist(config.data_dir)
+    return load_digits(config.seed)
+
+
+@contextlib.contextmanager
+def reproducible(seed: int, device: torch.device) -> Iterator[None]:
+    """Seeds, one CPU thread, deterministic algorithms and the eager backend; restored on exit.
+
+    One thread: the tensors here are small (batches of 60), so more threads only add overhead,
+    and the order of CPU reductions, hence every number, no longer depends on the core count.
+    Eager backend: ``"auto"`` would compile kernels for the larger evaluation batches, which
+    costs more time than it saves in a run this size.
+    """
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if device.type == "cuda":
+        # cuBLAS needs this to be deterministic (read when its first handle is created).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with using_backend("eager"):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def run_demo(config: DemoConfig) -> dict[str, Any]:
+    """Run every section of :data:`SECTIONS` and write the report to ``config.out``; return the summary.
+
+    Raises:
+        DemoError: bad options, an unusable device or an unwritable output folder.
+        batchnorm.experiments.data.DataError: missing or corrupt data files.
+    """
+    start = time.perf_counter()
+    config.validate()
+    device = torch.device(config.device)
+    data = load_data(config).to(device)
+    check_output_dir(config.out)
+    steps = config.resolved_steps
+    ctx = Context(
+        data=data,
+        device=device,
+        seed=config.seed,
+        steps=steps,
+        eval_points=QUICK_EVAL_POINTS if config.quick else DEFAULT_EVAL_POINTS,
+        progress=config.progress,
+        out=config.out,
+    )
+    with reproducible(config.seed, device):
+        sections = [section(ctx) for section in SECTIONS]
+    summary: dict[str, Any] = {
+        "data": data.name,
+        "seed": config.seed,
+        "steps": steps,
+        "quick": config.quick,
+        "device": device.type,
+        "train_size": len(data.train_labels),
+        "test_size": len(data.test_labels),
+        "batchnorm_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    for section in sections:
+        summary[section.key] = section.summary
+    summary["runtime_seconds"] = round(time.perf_counter() - start, 1)
+    run = {key: summary[key] for key in ("data", "train_size", "test_size", "steps", "seed", "device")}
+    run["runtime"] = f"{summary['runtime_seconds']} s"
+    run["versions"] = f"batchnorm {__version__}, torch {torch.__version__}"
+    write_report(config.out, sections, summary, run)
+    return summary
