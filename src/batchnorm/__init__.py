@@ -9,7 +9,9 @@ Example:
 """
 
 from . import functional
+from .activation import BatchNormAct, InPlaceABN
 from .backends import get_backend, set_backend, using_backend
+from .conv import ConvBatchNorm1d, ConvBatchNorm2d, ConvBatchNorm3d
 from .modules import (
     BatchNorm,
     BatchNorm1d,
@@ -27,6 +29,11 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct",
+    "ConvBatchNorm1d",
+    "ConvBatchNorm2d",
+    "ConvBatchNorm3d",
+    "InPlaceABN",
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
