@@ -109,45 +109,52 @@ class Activation:
         return self.name in ("relu", "identity") or (self.name in _PARAM_DEFAULTS and self.param >= 0.0)
 
     def grad_from_input(self, dz: Tensor, y: Tensor) -> Tensor:
-        """dy = dz * f'(y)."""
-        if self.name == "silu":
-            # f = y * s, s = sigmoid(y):  f' = s * (1 + y * (1 - s))
-            s = torch.sigmoid(y)
-            return dz * s * (1 + y * (1 - s))
+        """dy = dz * f'(y), by torch's own activation backward kernels (one pass each):
+
+        relu: f' = [y > 0];  leaky_relu: 1 for y > 0, the slope below;  elu: 1 for y > 0,
+        alpha * exp(y) below;  silu: f = y * s with s = sigmoid(y), f' = s * (1 + y * (1 - s)).
+        """
+        aten = torch.ops.aten
+        if self.name == "relu":
+            return aten.threshold_backward(dz, y, 0)  # type: ignore[no-any-return]
+        if self.name == "leaky_relu":
+            return aten.leaky_relu_backward(dz, y, self.param, False)  # type: ignore[no-any-return]
         if self.name == "elu":
-            # f' = 1 for y > 0, alpha * exp(y) below
-            return torch.where(y > 0, dz, dz * (self.param * torch.exp(y)))
-        if self.name in ("relu", "leaky_relu"):
-            # f' = 1 for y > 0, the negative slope (0 for relu) below, as torch's kernels at y = 0
-            return torch.where(y > 0, dz, dz * self.param)
+            return aten.elu_backward(dz, self.param, 1, 1, False, y)  # type: ignore[no-any-return]
+        if self.name == "silu":
+            return aten.silu_backward(dz, y)  # type: ignore[no-any-return]
         return dz
 
     def grad_from_output(self, dz: Tensor, z: Tensor) -> Tensor:
         """dy = dz * f'(f^-1(z)); requires :attr:`output_determines_grad`.
 
         z > 0 exactly where y > 0. Below, leaky_relu's f' is its slope and elu's
-        f' = alpha * exp(y) = z + alpha.
+        f' = alpha * exp(y) = z + alpha (torch's kernels with ``is_result=True``).
         """
+        aten = torch.ops.aten
+        if self.name == "relu":
+            return aten.threshold_backward(dz, z, 0)  # type: ignore[no-any-return]
+        if self.name == "leaky_relu":
+            return aten.leaky_relu_backward(dz, z, self.param, True)  # type: ignore[no-any-return]
         if self.name == "elu":
-            return torch.where(z > 0, dz, dz * (z + self.param))
-        if self.name in ("relu", "leaky_relu"):
-            return torch.where(z > 0, dz, dz * self.param)
+            return aten.elu_backward(dz, self.param, 1, 1, True, z)  # type: ignore[no-any-return]
         return dz
 
     def inverse(self, z: Tensor) -> Tensor:
-        """y = f^-1(z) for the invertible activations.
+        """y = f^-1(z) for the invertible activations, as a new tensor.
 
-        leaky_relu: y = z / slope below 0. elu: y = log(1 + z / alpha) below 0; where exp(y)
-        underflowed to below the dtype's epsilon in the forward (y < log(eps): about -15.9 in
-        float32, -36 in float64) z = -alpha carries no more information, and y comes back as
-        log(eps). Such entries have dy = dz * (z + alpha) = 0 and add nothing to s1 and s2.
+        leaky_relu: y = z / slope below 0, itself a leaky_relu with slope 1 / slope. elu:
+        y = log(1 + z / alpha) below 0; where exp(y) underflowed to below the dtype's epsilon in
+        the forward (y < log(eps): about -15.9 in float32, -36 in float64) z = -alpha carries no
+        more information, and y comes back as log(eps). Such entries have
+        dy = dz * (z + alpha) = 0 and add nothing to s1 and s2.
         """
         if self.name == "leaky_relu":
-            return torch.where(z > 0, z, z / self.param)
+            return torch.nn.functional.leaky_relu(z, 1.0 / self.param)
         if self.name == "elu":
             tiny = torch.finfo(z.dtype).eps
             return torch.where(z > 0, z, torch.log1p((z / self.param).clamp_min(tiny - 1)))
-        return z
+        return z.clone()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,9 +325,12 @@ def _inplace_forward(
     invstd, scale, _ = backends.scale_shift(mean, var, gamma, bias, eps)
     shape = backends.channel_shape(x)
     if cdt == x.dtype:
-        x.sub_(mean.view(shape)).mul_(scale.view(shape))
-        if bias is not None:
-            x.add_(bias.view(shape))
+        # (x - mu) * a + beta in two passes over x, both writing into x
+        x.sub_(mean.view(shape))
+        if bias is None:
+            x.mul_(scale.view(shape))
+        else:
+            torch.addcmul(bias.view(shape), x, scale.view(shape), out=x)
     else:
         # float16/bfloat16: normalize in float32, store the result in the input's dtype.
         y = (x.to(cdt) - mean.view(shape)) * scale.view(shape)
@@ -376,21 +386,25 @@ class InPlaceABNFunction(torch.autograd.Function):
         dims = backends.reduce_dims(z)
         zc = z.to(cdt)
         grad_y = activation.grad_from_output(grad_output.to(cdt), zc)  # dy = dz * f'(f^-1(z))
-        # yc = f^-1(z) - beta = gamma * x̂: the normalized input, rebuilt from the output.
-        yc = activation.inverse(zc)
-        if bias is not None:
-            yc = yc - bias.to(cdt).view(shape)
+        # y = f^-1(z): the batch-norm output, rebuilt; y - beta = gamma * x̂ is never stored: the
+        # sums and dx below carry beta per channel instead, saving two passes over the data.
+        y = activation.inverse(zc)
+        beta = torch.zeros_like(invstd) if bias is None else bias.to(cdt)
         gamma_c = torch.ones_like(invstd) if gamma is None else gamma.to(cdt)
         scale = gamma_c * invstd  # a = gamma * r, (C,)
         sum_dy = grad_y.sum(dims)  # s1 = dbeta: (N, C, *) -> (C,)
-        grad_weight = (grad_y * yc).sum(dims) / gamma_c  # dgamma = s2 / gamma: (N, C, *) -> (C,)
+        # s2 = sum(dy * (y - beta)) = sum(dy * y) - beta * s1: (N, C, *) -> (C,)
+        sum_dy_yc = (grad_y * y).sum(dims) - beta * sum_dy
+        grad_weight = sum_dy_yc / gamma_c  # dgamma = s2 / gamma
         grad_input = None
         if need_input:
             if ctx.training:
                 count = z.numel() // channels
-                p = -invstd * grad_weight / count  # coefficient of yc: -(r / M) * dgamma
+                p = -invstd * grad_weight / count  # coefficient of y - beta: -(r / M) * dgamma
                 q = -scale * sum_dy / count  # -(a / M) * s1
-                grad_input = torch.addcmul(torch.addcmul(q.view(shape), yc, p.view(shape)), grad_y, scale.view(shape))
+                # dx = a * dy + p * (y - beta) + q = a * dy + p * y + (q - p * beta)
+                grad_input = torch.addcmul((q - p * beta).view(shape), y, p.view(shape))
+                grad_input.addcmul_(grad_y, scale.view(shape))
             else:
                 grad_input = grad_y * scale.view(shape)
             grad_input = grad_input.to(z.dtype)
