@@ -9,7 +9,9 @@ Example:
 """
 
 from . import functional
+from .activation import BatchNormAct, InPlaceABN
 from .backends import get_backend, set_backend, using_backend
+from .conv import ConvBatchNorm1d, ConvBatchNorm2d, ConvBatchNorm3d
 from .flows import BatchNormFlow
 from .functional import NonInvertibleError
 from .inversion import InversionResult, invert
@@ -33,10 +35,15 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct",
     "BatchNormFlow",
     "BatchRenorm",
+    "ConvBatchNorm1d",
+    "ConvBatchNorm2d",
+    "ConvBatchNorm3d",
     "FrozenBatchNorm",
     "GhostBatchNorm",
+    "InPlaceABN",
     "InversionResult",
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",

@@ -6,6 +6,7 @@ their docstrings hold the full description (see :class:`batchnorm.BatchNorm`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from numbers import Real
 
 import torch
@@ -15,6 +16,13 @@ from . import backends
 from ._autograd import apply_batch_norm
 
 __all__ = ["NonInvertibleError", "batch_norm", "batch_norm_inverse", "batch_norm_stats"]
+
+# (input, weight, bias, eval_mean, eval_var, eps) -> (output, mu, var): the normalization step of
+# batch_norm_with_stats; training when eval_mean/eval_var are None. Fused variants (activation,
+# convolution) pass their own.
+Normalizer = Callable[
+    [Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None, float], tuple[Tensor, Tensor, Tensor]
+]
 
 
 def batch_norm(
@@ -90,22 +98,24 @@ def batch_norm_with_stats(
     *,
     skip_nonfinite: bool,
     caller: str,
+    normalizer: Normalizer = apply_batch_norm,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`batch_norm` that also returns the statistics it normalized with, (mu, var).
 
     Every argument is validated before anything is computed or updated, so a call that raises
-    changes nothing.
+    changes nothing. ``normalizer`` computes the output (default: plain batch norm); the
+    validation and the running-statistics update stay here for every variant.
     """
     check_input(input, caller)
     check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, caller)
     if training:
         check_batch_size(input)
-        output, mean, var = apply_batch_norm(input, weight, bias, None, None, eps)
+        output, mean, var = normalizer(input, weight, bias, None, None, eps)
         if running_mean is not None and running_var is not None and input.numel() > 0:
             count = input.numel() // input.shape[1]
             update_running_stats(running_mean, running_var, mean, var, count, momentum, skip_nonfinite)
     else:
-        output, mean, var = apply_batch_norm(input, weight, bias, running_mean, running_var, eps)
+        output, mean, var = normalizer(input, weight, bias, running_mean, running_var, eps)
     return output, mean, var
 
 

@@ -14,6 +14,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from . import functional as BF
+from ._autograd import apply_batch_norm
 
 __all__ = [
     "BatchNorm",
@@ -181,6 +182,12 @@ class _BatchNormBase(nn.Module):
                 )
 
     def forward(self, input: Tensor) -> Tensor:
+        return self._forward_with(input, apply_batch_norm)
+
+    def _forward_with(self, input: Tensor, normalizer: BF.Normalizer) -> Tensor:
+        """The forward, with ``normalizer`` computing the output: fused variants (batch norm +
+        activation, convolution + batch norm) pass their own and share the validation, the
+        running statistics, the counter and ``batch_mean``/``batch_var`` from here."""
         self._check_input(input)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         update = self.training and self.track_running_stats
@@ -200,6 +207,7 @@ class _BatchNormBase(nn.Module):
             self.eps,
             skip_nonfinite=self.skip_nonfinite,
             caller=self._describe(),
+            normalizer=normalizer,
         )
         # Counted only once the call has succeeded (torch counts before it can fail).
         if update and counter is not None:
