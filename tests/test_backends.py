@@ -117,3 +117,22 @@ def test_no_autograd_node_when_no_gradient_can_be_asked_for() -> None:
     module.weight.requires_grad_(True)
     assert module(x).grad_fn is not None
     assert module.num_batches_tracked.item() == 3
+
+
+def test_each_rank_and_layout_compiles_on_its_own_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model's layers differ in rank and layout; past torch's recompile limit torch.compile
+    silently runs uncompiled code. Each (kernel, rank, layout, dtype) has its own cache."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    monkeypatch.setattr(backends, "_COMPILED", backends._CompiledKernels())
+    inputs = [torch.randn(4, 3), torch.randn(4, 3, 5), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2, 2)]
+    inputs.append(inputs[2].contiguous(memory_format=torch.channels_last))
+    with batchnorm.using_backend("compiled"):
+        for x in inputs:
+            for requires_grad in (False, True):
+                y = batchnorm.functional.batch_norm(x.clone().requires_grad_(requires_grad), None, None, training=True)
+                torch.testing.assert_close(y, nn.functional.batch_norm(x, None, None, training=True))
+    assert counters["stats"]["unique_graphs"] == len(inputs)

@@ -82,3 +82,25 @@ def test_training_step_bench_starts_both_models_from_the_same_weights() -> None:
     # Same steps on the same data from the same weights: the two models stay equal.
     torch.testing.assert_close(built[0][0].weight, built[1][0].weight)
     assert "ours/torch" in result.format()
+
+
+def test_cli_memory_writes_table_and_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from batchnorm import bench_memory
+
+    calls: list[dict[str, object]] = []
+    real = bench_memory.run_memory
+
+    def tiny(quick: bool = False, repeats: int | None = None, **kwargs: object) -> list[bench_memory.MemoryRow]:
+        calls.append({"quick": quick, **kwargs})
+        return real(quick=True, repeats=1, channels=4, size=8, batch=2, blocks=2)
+
+    monkeypatch.setattr(bench_memory, "run_memory", tiny)
+    out = tmp_path / "memory.json"
+    assert cli.main(["bench", "--memory", "--quick", "--json", str(out)]) == 0
+    assert calls == [{"quick": True, "device": "cpu"}]
+    table = capsys.readouterr().out
+    assert "InPlaceABN" in table and "ConvBatchNorm2d" in table
+    variants = [row["variant"] for row in json.loads(out.read_text())["rows"]]
+    assert variants == list(bench_memory.VARIANTS)

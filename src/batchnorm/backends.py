@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -340,32 +341,52 @@ class Kernels:
 EAGER = Kernels("eager", forward_train, forward_eval, backward_train, backward_eval)
 
 
+def _code_copy(fn: Callable[..., Any], suffix: str) -> Callable[..., Any]:
+    """``fn`` with a code object of its own: torch.compile keeps one cache (and one recompile
+    budget) per code object, so each copy compiles and specializes independently."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{suffix}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
 class _CompiledKernels:
     """The eager kernels under ``torch.compile``, built on first use.
 
-    The batch dimension is compiled as dynamic from the first call, so a new batch size reuses
-    the compiled code; every other extent is specialized (better loops) until it varies. If
-    compilation fails on this platform, every later call runs eagerly, after one warning.
+    One compiled copy per (kernel, rank, memory layout, dtype, device type): a model's layers
+    differ in these, and sharing one cache would exhaust torch's recompile limit (after which
+    torch runs the function uncompiled). The batch dimension is dynamic from the first call, so
+    a new batch size reuses the compiled code; other extents are specialized (better loops)
+    until they vary. Tensors are passed detached, so that whether the caller's input requires
+    grad does not force a recompile. If compilation fails on this platform, every later call
+    runs eagerly, after one warning.
     """
 
     def __init__(self) -> None:
-        self._compiled: dict[str, Callable[..., Any]] = {}
+        self._compiled: dict[tuple[object, ...], Callable[..., Any]] = {}
         self._failed = False
+
+    def _kernel(self, kernel: str, x: Tensor) -> Callable[..., Any]:
+        key = (kernel, x.dim(), _layout(x), x.dtype, x.device.type)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            suffix = f"{x.dim()}d_{_layout(x)}_{str(x.dtype).removeprefix('torch.')}_{x.device.type}"
+            compiled = self._compiled[key] = torch.compile(_code_copy(getattr(EAGER, kernel), suffix))
+        return compiled
 
     def run(self, kernel: str, *args: Any) -> Any:
         eager = getattr(EAGER, kernel)
         if self._failed:
             return eager(*args)
-        compiled = self._compiled.get(kernel)
-        if compiled is None:
-            compiled = self._compiled[kernel] = torch.compile(eager)
-        for arg in args:
+        # The input is the first tensor of a forward kernel, the second (after dy) of a backward.
+        x = args[0] if kernel.startswith("forward") else args[1]
+        compiled = self._kernel(kernel, x)
+        detached = [arg.detach() if isinstance(arg, Tensor) else arg for arg in args]
+        for arg in detached:
             if isinstance(arg, Tensor) and arg.dim() >= 2:
                 torch._dynamo.maybe_mark_dynamic(arg, 0)
         try:
-            # Past torch's recompile limit (rare: one graph per rank/layout/dtype, batch size
-            # dynamic), torch.compile itself runs the eager function: still correct.
-            return compiled(*args)
+            # Grad mode is part of a compiled graph's guards; the kernels never need autograd.
+            with torch.no_grad():
+                return compiled(*detached)
         except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
             self._failed = True
             warnings.warn(

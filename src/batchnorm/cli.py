@@ -113,6 +113,11 @@ def add_bench(subparsers: argparse._SubParsersAction[_Parser]) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--shapes", nargs="+", metavar="NAME", help="only these shapes (default: all)")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="instead: bytes saved for backward and step time of Conv-BN-activation stacks (fused variants)",
+    )
     parser.set_defaults(handler=run_bench_command)
 
 
@@ -132,6 +137,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"{prog}: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    if args.memory:
+        return run_memory_bench(args)
     rows, end_to_end = bench.run(
         backend=args.backend,
         device=args.device,
@@ -143,6 +150,17 @@ def run_bench_command(args: argparse.Namespace) -> int:
     print(bench.format_table(rows))
     print()
     print(end_to_end.format())
+    return 0
+
+
+def run_memory_bench(args: argparse.Namespace) -> int:
+    from .bench import write_json_atomically
+    from .bench_memory import format_memory_table, run_memory
+
+    rows = run_memory(quick=args.quick, device=args.device)
+    print(format_memory_table(rows))
+    if args.json is not None:
+        write_json_atomically(args.json, {"device": args.device, "rows": [row.to_dict() for row in rows]})
     return 0
 
 
