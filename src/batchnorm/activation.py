@@ -502,7 +502,21 @@ def inplace_abn(
 # ---------------------------------------------------------------------------------------------
 
 
-class BatchNormAct(_BatchNormBase):
+class _ActivatedBatchNorm(_BatchNormBase):
+    """A batch norm followed by an activation: the activation's public name and parameter."""
+
+    _activation: Activation
+
+    @property
+    def activation(self) -> str:
+        return self._activation.name
+
+    @property
+    def activation_param(self) -> float | None:
+        return self._activation.param if self._activation.name in _PARAM_DEFAULTS else None
+
+
+class BatchNormAct(_ActivatedBatchNorm):
     r"""Batch norm followed by an activation, as one autograd node: z = f(BN(x)).
 
     Everything about the batch norm is :class:`batchnorm.BatchNorm`'s (parameters, buffers,
@@ -568,14 +582,6 @@ class BatchNormAct(_BatchNormBase):
         )
         self._activation = act
 
-    @property
-    def activation(self) -> str:
-        return self._activation.name
-
-    @property
-    def activation_param(self) -> float | None:
-        return self._activation.param if self._activation.name in _PARAM_DEFAULTS else None
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self._activation}"
 
@@ -583,7 +589,7 @@ class BatchNormAct(_BatchNormBase):
         return self._forward_with(input, partial(_apply_batch_norm_act, activation=self._activation))
 
 
-class InPlaceABN(_BatchNormBase):
+class InPlaceABN(_ActivatedBatchNorm):
     r"""In-place activated batch norm (Rota Bulo, Porzi and Kontschieder, CVPR 2018).
 
     Computes z = f(BN(x)) like :class:`BatchNormAct` but writes z over its input and returns
@@ -664,14 +670,6 @@ class InPlaceABN(_BatchNormBase):
         )
         self._activation = act
         self.min_abs_weight = floor
-
-    @property
-    def activation(self) -> str:
-        return self._activation.name
-
-    @property
-    def activation_param(self) -> float | None:
-        return self._activation.param if self._activation.name in _PARAM_DEFAULTS else None
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self._activation}, min_abs_weight={self.min_abs_weight:g}"
