@@ -19,17 +19,18 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure as MplFigure
+from matplotlib.patches import Patch
 from torch import Tensor, nn
 
 from ..bench import interleaved_medians
 from ..modules import BatchNorm
 from ..tools import fold
 from ..variants import BatchRenorm, GhostBatchNorm, renorm_schedule
-from .lenet import LenetRun, lenet_runs
+from .lenet import LenetRun, lenet_runs, train_lenet
 from .models import Norm, lenet
 from .report import Context, Figure, Section, Table
 from .running_stats import recalibrate_effect
-from .training import TrainConfig, train
+from .training import TrainConfig
 
 __all__ = [
     "FOLD_BATCH_SIZES",
@@ -88,7 +89,6 @@ def small_batch_runs(ctx: Context) -> dict[str, LenetRun]:
     """LeNet trained with each of :data:`VARIANTS` (trained once per demo, then cached)."""
 
     def build() -> dict[str, LenetRun]:
-        train_x, test_x = ctx.images28()
         steps = small_batch_steps(ctx)
         runs = {}
         for key, (label, norm, batch_size) in VARIANTS.items():
@@ -97,17 +97,7 @@ def small_batch_runs(ctx: Context) -> dict[str, LenetRun]:
             config = TrainConfig(
                 steps=steps, lr=SMALL_BATCH_LR, batch_size=batch_size, eval_points=ctx.eval_points, seed=ctx.seed
             )
-            history = train(
-                model,
-                train_x,
-                ctx.data.train_labels,
-                test_x,
-                ctx.data.test_labels,
-                config,
-                before_step=_renorm_warmup(model, steps),
-                progress=ctx.progress,
-                desc=f"LeNet, {label}",
-            )
+            history = train_lenet(ctx, model, config, desc=f"LeNet, {label}", before_step=_renorm_warmup(model, steps))
             runs[key] = LenetRun(model, history)
         return runs
 
@@ -157,20 +147,21 @@ def _small_batch_figure(
     curves_ax.legend(fontsize="small", loc="lower right")
     positions = np.arange(len(runs))
     width = 0.38
+    legend: list[Patch] = []
     for offset, (field, label, hatch) in zip(
         (-width / 2, width / 2),
         (("final_test_accuracy", "running averages", ""), ("recalibrated_test_accuracy", "recalibrated", "//")),
         strict=True,
     ):
         values = [numbers[key][field] for key in runs]
-        bars = bars_ax.bar(
-            positions + offset, values, width, label=label, hatch=hatch, color=[colors[k] for k in runs], alpha=0.85
-        )
+        bars = bars_ax.bar(positions + offset, values, width, hatch=hatch, color=[colors[k] for k in runs], alpha=0.85)
         bars_ax.bar_label(bars, fmt="%.3f", fontsize="small")
+        # Neutral legend patches: the bars' colours stand for the variants, the hatching for the statistics.
+        legend.append(Patch(facecolor="white", edgecolor="black", hatch=hatch, label=label))
     bars_ax.set_xticks(positions, [VARIANTS[key][0].replace(", ", "\n") for key in runs])
     low = min(min(numbers[key]["final_test_accuracy"], numbers[key]["recalibrated_test_accuracy"]) for key in runs)
     bars_ax.set(ylabel="final test accuracy", ylim=(max(0.0, low - 0.1), 1.02), title=f"after {steps} steps")
-    bars_ax.legend(fontsize="small", loc="lower right")
+    bars_ax.legend(handles=legend, fontsize="small", loc="lower right")
 
     def describe(key: str) -> str:
         n = numbers[key]
