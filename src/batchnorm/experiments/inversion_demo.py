@@ -379,10 +379,12 @@ def section(ctx: Context) -> Section:
         f"sees and lose the rest. Bottom rows: an input synthesized from the class alone (cross-entropy, "
         f"{steps} steps from noise, TV and L2 priors), without and with the batch-norm prior, titled with the "
         f"classifier's probability of that class (mean {synthesis['mean_confidence_without_prior']:.3f} "
-        f"without, {synthesis['mean_confidence_with_prior']:.3f} with). Both fool the classifier; the prior "
-        f"brings the batch statistics of the synthesized batch close to the running ones (distance "
-        f"{synthesis['bn_distance_without_prior']:.3g} without, {synthesis['bn_distance_with_prior']:.3g} with), "
-        f"which turns flat patches into strokes."
+        f"without, {synthesis['mean_confidence_with_prior']:.3f} with; the lowest "
+        f"{min(inversion.confidence_plain + inversion.confidence_prior):.3f}): the classifier is sure either way. "
+        f"What differs is the input: the prior brings the statistics of the synthesized batch at every batch norm "
+        f"close to the running ones (DeepInversion distance {synthesis['bn_distance_without_prior']:.3g} without, "
+        f"{synthesis['bn_distance_with_prior']:.3g} with). Look for strokes: without the prior the inputs are flat "
+        f"patches with speckle; with it they take on stroke-like structure, some of it digit-shaped."
     )
     better = "with" if flow.nll_bn < flow.nll_plain else "without"
     flow_caption = (
