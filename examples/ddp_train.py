@@ -28,7 +28,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from batchnorm import SyncBatchNorm
-from batchnorm.experiments.tools_demo import LeNetBN, digits_28, synthetic_digits
+from batchnorm.experiments.data import Dataset, load_digits, resize, synthetic_digits
+from batchnorm.experiments.models import lenet
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -44,9 +45,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def build_model(seed: int) -> nn.Module:
-    """LeNet-BN with SyncBatchNorm layers, initialized from ``seed`` (identical on every rank)."""
+    """The report's LeNet-BN with SyncBatchNorm layers, initialized from ``seed`` (identical on every rank)."""
     torch.manual_seed(seed)
-    return SyncBatchNorm.convert_sync_batchnorm(LeNetBN())
+    return SyncBatchNorm.convert_sync_batchnorm(lenet(bn=True))
+
+
+def load_data(name: str, seed: int) -> Dataset:
+    """The demo's digits resized to 28x28, or 512 synthetic 28x28 images (instant, for tests)."""
+    if name == "synthetic":
+        return synthetic_digits(512, seed)
+    data = load_digits(seed)
+    return Dataset(
+        data.name, resize(data.train_images, 28), data.train_labels, resize(data.test_images, 28), data.test_labels
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,9 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=120))
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     try:
-        x_train, y_train, x_test, y_test = (
-            digits_28(args.seed) if args.data == "digits" else synthetic_digits(512, args.seed)
-        )
+        data = load_data(args.data, args.seed)
+        x_train, y_train, x_test, y_test = data.train_images, data.train_labels, data.test_images, data.test_labels
         model = build_model(args.seed).to(device)
         ddp: nn.Module = (
             DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import math
@@ -270,7 +271,8 @@ def test_quick_demo_writes_every_file(quick_reports: tuple[Path, dict, dict]) ->
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == sorted(
         ["paper_mlp.png", "paper_mlp_accuracy.png", "paper_mlp_percentiles_plain.png", "paper_mlp_percentiles_bn.png",
-         "lenet_curves.png", "running_stats.png", "twenty_points.png"]
+         "lenet_curves.png", "running_stats.png", "twenty_points.png", "small_batch.png", "fold_speedup.png",
+         "inversion.png", "flow.png"]
     )  # fmt: skip
     for name in pngs:
         raw = (out / name).read_bytes()
@@ -316,10 +318,33 @@ def test_quick_demo_summary_fields(quick_reports: tuple[Path, dict, dict]) -> No
     assert points["after"]["std"] == pytest.approx(expected, rel=1e-12)
 
 
+def test_quick_demo_new_sections_in_range(quick_reports: tuple[Path, dict, dict]) -> None:
+    _, summary, _ = quick_reports
+    flat = leaves(summary)
+    accuracies = [key for key in flat if key.endswith("accuracy")]
+    assert {
+        "running_stats.lenet_recalibrate.before.accuracy",
+        "running_stats.lenet_recalibrate.after.accuracy",
+        "tools.small_batch.batchnorm.final_test_accuracy",
+        "tools.small_batch.ghost.recalibrated_test_accuracy",
+    } <= set(accuracies)
+    for key in accuracies:
+        assert 0.0 <= flat[key] <= 1.0 and round(flat[key] * 359) == pytest.approx(flat[key] * 359, abs=1e-9), key
+    assert summary["tools"]["small_batch"]["steps"] == 75  # a quarter of --quick's 300
+    timing = summary["tools"]["fold"]["timing"]
+    assert all(t["speedup"] > 0 for t in timing.values()) and summary["tools"]["fold"]["max_abs_difference"] < 1e-4
+    inversion = summary["inversion"]
+    for key in ("reconstruction.mean_relative_error", "flow.nll_with_batchnorm", "flow.nll_without_batchnorm"):
+        assert math.isfinite(leaves(inversion)[key]), key
+    assert all(0 <= p <= 1 for p in inversion["synthesis"]["confidence_with_prior"])
+
+
 def test_quick_demo_same_seed_same_summary(quick_reports: tuple[Path, dict, dict]) -> None:
     _, first, second = quick_reports
-    first, second = dict(first), dict(second)
+    first, second = copy.deepcopy(first), copy.deepcopy(second)
+    # Wall-clock figures differ from run to run; everything else must not.
     assert first.pop("runtime_seconds") > 0 and second.pop("runtime_seconds") > 0
+    assert first["tools"]["fold"].pop("timing") and second["tools"]["fold"].pop("timing")
     assert first == second
 
 

@@ -7,12 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
 import batchnorm
 from batchnorm.experiments.inversion_demo import flow_demo, inversion_demo, toy_density
+from batchnorm.experiments.report import Figure as ReportFigure
+from batchnorm.experiments.report import Section, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_renders(figure: Figure, tmp_path: Path) -> None:
+    """The figure goes through the report writer into a valid PNG."""
+    write_report(tmp_path, [Section("s", "t", "i", figures=(ReportFigure("f", "F", "c", figure),))], {}, {})
+    assert (tmp_path / "f.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_toy_densities() -> None:
@@ -31,17 +40,15 @@ def test_toy_densities() -> None:
 
 @pytest.mark.parametrize("density", ["moons", "ring"])
 def test_flow_demo_tiny(tmp_path: Path, density: str) -> None:
-    path = tmp_path / "sub" / "flow.png"
-    result = flow_demo(path, density=density, steps=3, batch_size=16, couplings=2, hidden=4)
-    assert path.read_bytes().startswith(PNG_MAGIC) and result.path == path
+    result = flow_demo(density=density, steps=3, batch_size=16, couplings=2, hidden=4)
     assert math.isfinite(result.nll_bn) and math.isfinite(result.nll_plain)
-    assert [p.name for p in path.parent.iterdir()] == ["flow.png"]  # no temporary file left
+    assert result.nll_bn != result.nll_plain  # the batch-norm layers change the flow
+    assert_renders(result.figure, tmp_path)
 
 
-def test_flow_demo_rejects_bad_sizes(tmp_path: Path) -> None:
+def test_flow_demo_rejects_bad_sizes() -> None:
     with pytest.raises(ValueError, match="steps"):
-        flow_demo(tmp_path / "flow.png", steps=0)
-    assert not (tmp_path / "flow.png").exists()
+        flow_demo(steps=0)
 
 
 def test_inversion_demo_tiny(tmp_path: Path) -> None:
@@ -52,9 +59,8 @@ def test_inversion_demo_tiny(tmp_path: Path) -> None:
     model(torch.randn(8, 1, 4, 4))  # running statistics away from their initial values
     model.train()
     inputs = torch.rand(2, 1, 4, 4)
-    path = tmp_path / "inversion.png"
-    result = inversion_demo(model, inputs, path, num_classes=3, steps=4)
-    assert path.read_bytes().startswith(PNG_MAGIC)
+    result = inversion_demo(model, inputs, num_classes=3, steps=4)
+    assert_renders(result.figure, tmp_path)
     assert len(result.reconstruction_errors) == 2 and len(result.output_errors) == 2
     assert len(result.confidence_plain) == 3 and len(result.confidence_prior) == 3
     for value in [*result.reconstruction_errors, *result.output_errors]:
@@ -65,6 +71,6 @@ def test_inversion_demo_tiny(tmp_path: Path) -> None:
     assert all(module.training for module in model.modules())
 
 
-def test_inversion_demo_needs_images(tmp_path: Path) -> None:
+def test_inversion_demo_needs_images() -> None:
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
-        inversion_demo(nn.Linear(4, 2), torch.randn(3, 4), tmp_path / "x.png")
+        inversion_demo(nn.Linear(4, 2), torch.randn(3, 4))

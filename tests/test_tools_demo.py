@@ -1,42 +1,53 @@
-"""The report's tools experiments at a tiny size: they run, write their figures, their numbers hold."""
+"""The report's tools experiments: variants in the one LeNet, the renorm warm-up, fold timing."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import pytest
 import torch
 
 import batchnorm
 from batchnorm.experiments import tools_demo
+from batchnorm.experiments.models import lenet
 
 
-def test_lenet_bn_has_the_documented_layers_and_shapes() -> None:
-    model = tools_demo.LeNetBN()
-    assert [type(m).__name__ for m in model.modules()].count("BatchNorm") == 4
-    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+@pytest.mark.parametrize("key", list(tools_demo.VARIANTS))
+def test_variants_fill_every_norm_slot_of_lenet(key: str) -> None:
+    _, norm, _ = tools_demo.VARIANTS[key]
+    model = lenet(norm2d=norm, norm1d=norm)
+    norms = [m for m in model if isinstance(m, batchnorm.BatchNorm)]
+    assert [m.num_features for m in norms] == [6, 16, 120, 84]
+    expected = {"batchnorm": batchnorm.BatchNorm, "batchrenorm": batchnorm.BatchRenorm}.get(key)
+    assert all(type(m) is (expected or batchnorm.GhostBatchNorm) for m in norms)
+    if key == "ghost":
+        assert all(m.virtual_batch_size == tools_demo.SMALL_BATCH for m in norms)
+    assert model(torch.randn(8, 1, 28, 28)).shape == (8, 10)
 
 
-def test_experiments_run_at_tiny_size_and_write_their_figures(tmp_path: Path) -> None:
-    data = tools_demo.synthetic_digits(96, seed=0)
-    x_train, y_train, x_test, y_test = data
+def test_renorm_warmup_holds_then_ramps_to_the_final_limits() -> None:
+    model = lenet(norm2d=batchnorm.BatchRenorm, norm1d=batchnorm.BatchRenorm)
+    set_limits = tools_demo._renorm_warmup(model, steps=100)
+    assert set_limits is not None
+    layers = [m for m in model if isinstance(m, batchnorm.BatchRenorm)]
+    set_limits(9)  # inside the first 10%: plain batch norm
+    assert all((m.rmax, m.dmax) == (1.0, 0.0) for m in layers)
+    set_limits(100)  # past both ramps
+    assert all((m.rmax, m.dmax) == (3.0, 5.0) for m in layers)
+    assert tools_demo._renorm_warmup(lenet(bn=True), steps=100) is None  # nothing to warm up
+
+
+def test_fold_speedup_times_both_models_and_leaves_the_model_alone() -> None:
     torch.manual_seed(0)
-    model = tools_demo.LeNetBN()
-    tools_demo.train(model, x_train, y_train, steps=3, batch_size=16, seed=0)
+    model = lenet(bn=True)
+    model(torch.randn(16, 1, 28, 28))  # running statistics away from (0, 1), so folding does something
+    model.train()
     saved = {key: value.clone() for key, value in model.state_dict().items()}
-
-    recal = tools_demo.recalibrate_experiment(model, x_train, x_test, y_test, tmp_path / "recal.png", batch_size=32)
-    assert recal["before"] == tools_demo.accuracy(model, x_test, y_test)
-    recalibrated = batchnorm.recalibrate(tools_demo.copy.deepcopy(model), [x_train[:32], x_train[32:64], x_train[64:]])
-    assert recal["after"] == tools_demo.accuracy(recalibrated, x_test, y_test)
-
-    small = tools_demo.small_batch_experiment(data, tmp_path / "small.png", steps=2, ghost_batch_size=8)
-    assert list(small) == ["BatchNorm (batch 4)", "BatchRenorm (batch 4)", "GhostBatchNorm (4 of 8)"]
-    assert all(0.0 <= value <= 1.0 for value in small.values())
-
-    speed = tools_demo.fold_speedup(model, x_test, tmp_path / "fold.png", repeats=2)
-    assert speed["speedup"] == speed["unfolded_ms"] / speed["folded_ms"] and speed["max_abs_diff"] < 1e-4
-    for name in ("recal.png", "small.png", "fold.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fold.png", "recal.png", "small.png"]  # no temporaries
+    inputs = torch.rand(5, 1, 28, 28)
+    result = tools_demo.fold_speedup(model, inputs, (2, 7), repeats=3)
+    assert list(result["timing"]) == ["batch_2", "batch_7"]  # 7 > 5 inputs: cycled
+    for timing in result["timing"].values():
+        assert timing["unfolded_ms"] > 0 and timing["folded_ms"] > 0
+        assert timing["speedup"] == timing["unfolded_ms"] / timing["folded_ms"]
+    assert 0 <= result["max_abs_difference"] < 1e-4
+    assert model.training
     for key, value in model.state_dict().items():
-        assert torch.equal(value, saved[key]), key  # the experiments work on copies
+        assert torch.equal(value, saved[key]), key

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
+from .experiments import models
 from .functional import batch_norm
 
 
@@ -258,25 +259,12 @@ def bench_training_step(
 
 
 def lenet(bn1d: type[nn.Module], bn2d: type[nn.Module]) -> nn.Module:
-    """LeNet-5 with batch norm after every convolution and hidden dense layer (SPEC section 6)."""
-    return nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2),
-        bn2d(6),
-        nn.Sigmoid(),
-        nn.AvgPool2d(2),
-        nn.Conv2d(6, 16, 5),
-        bn2d(16),
-        nn.Sigmoid(),
-        nn.AvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(400, 120),
-        bn1d(120),
-        nn.Sigmoid(),
-        nn.Linear(120, 84),
-        bn1d(84),
-        nn.Sigmoid(),
-        nn.Linear(84, 10),
-    )
+    """LeNet-5 with batch norm after every convolution and hidden dense layer (SPEC section 6).
+
+    The report's LeNet (:func:`batchnorm.experiments.models.lenet`, which needs only torch) with
+    ``bn1d``/``bn2d`` as its batch norms, so that ours and torch's run the same network.
+    """
+    return models.lenet(norm1d=bn1d, norm2d=bn2d)
 
 
 # The end-to-end figure of SPEC section 7: LeNet-BN on 28x28 digits, batch 256, 10 classes.

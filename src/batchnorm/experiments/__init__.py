@@ -1,19 +1,48 @@
 """The experiments behind ``batchnorm demo``: data, models, training loop and the report.
 
 Needs the ``experiments`` extra (``pip install 'batchnorm[experiments]'``: matplotlib,
-scikit-learn, tqdm). Modules:
+scikit-learn, tqdm), except :mod:`~batchnorm.experiments.models`, which needs only torch (the
+benchmark builds its LeNet there). Modules:
 
-- :mod:`~batchnorm.experiments.data`: digits (default) and MNIST IDX loaders.
+- :mod:`~batchnorm.experiments.data`: digits (default), MNIST IDX and synthetic loaders.
 - :mod:`~batchnorm.experiments.models`: the paper's MLP and LeNet, with or without batch norm.
 - :mod:`~batchnorm.experiments.training`: the SGD loop with periodic evaluation and probes.
 - :mod:`~batchnorm.experiments.report`: sections, figures, tables and the report writer.
 - :mod:`~batchnorm.experiments.demo`: the list of sections and :func:`run_demo`; its docstring
   says how to add a section.
-- one module per section: ``paper``, ``lenet``, ``running_stats``, ``points``.
+- one module per section: ``paper``, ``lenet``, ``running_stats``, ``points``, ``tools_demo``
+  (variants at small batches, folding), ``inversion_demo`` (reconstruction, synthesis, flows).
 """
 
-from .data import DataError
-from .demo import SECTIONS, DemoConfig, run_demo
-from .report import Context, DemoError, Figure, Section, Table
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .data import DataError
+    from .demo import SECTIONS, DemoConfig, run_demo
+    from .report import Context, DemoError, Figure, Section, Table
 
 __all__ = ["SECTIONS", "Context", "DataError", "DemoConfig", "DemoError", "Figure", "Section", "Table", "run_demo"]
+
+# Where each public name lives. Imported on first use (PEP 562) so that importing a light
+# submodule (``batchnorm.experiments.models`` from ``batchnorm.bench``) does not pull in
+# matplotlib, scikit-learn and tqdm through the report.
+_HOMES = {
+    "DataError": "data",
+    "SECTIONS": "demo",
+    "DemoConfig": "demo",
+    "run_demo": "demo",
+    "Context": "report",
+    "DemoError": "report",
+    "Figure": "report",
+    "Section": "report",
+    "Table": "report",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)

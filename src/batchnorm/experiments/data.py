@@ -1,6 +1,7 @@
-"""Data for the experiments: scikit-learn's bundled digits (the default) and MNIST IDX files.
+"""Data for the experiments: scikit-learn's bundled digits (the default), MNIST IDX files, and
+synthetic images for tests and examples.
 
-Both loaders return a :class:`Dataset` of images ``(N, 1, H, W)`` scaled to [0, 1] and integer
+The loaders return a :class:`Dataset` of images ``(N, 1, H, W)`` scaled to [0, 1] and integer
 labels ``(N,)``. Every problem with the input files is a :class:`DataError` whose message names
 the file, what was expected and what was found, so the command line can print it as one line.
 """
@@ -18,7 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["MNIST_FILES", "DataError", "Dataset", "load_digits", "load_mnist", "parse_idx", "read_idx", "resize"]
+__all__ = [
+    "MNIST_FILES",
+    "DataError",
+    "Dataset",
+    "load_digits",
+    "load_mnist",
+    "parse_idx",
+    "read_idx",
+    "resize",
+    "synthetic_digits",
+]
 
 # The four files as distributed by http://yann.lecun.com/exdb/mnist/ (each may also end in .gz).
 MNIST_FILES = {
@@ -71,18 +82,43 @@ def load_digits(seed: int, test_fraction: float = 0.2) -> Dataset:
         >>> tuple(data.train_images.shape), tuple(data.test_images.shape)
         ((1438, 1, 8, 8), (359, 1, 8, 8))
     """
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"load_digits: expected test_fraction in (0, 1), got {test_fraction!r}")
     from sklearn.datasets import load_digits as sklearn_digits
 
     bunch = sklearn_digits()
     # Pixel values are counts 0..16 of set pixels in 4x4 blocks of the original 32x32 bitmaps.
     images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8)
     labels = torch.as_tensor(bunch.target, dtype=torch.int64)  # (1797,)
+    return _seeded_split("digits", images, labels, seed, test_fraction)
+
+
+def synthetic_digits(num_images: int, seed: int, size: int = 28, test_fraction: float = 0.2) -> Dataset:
+    """Noisy copies of 10 random (1, ``size``, ``size``) class prototypes: learnable, instant, no files.
+
+    For tests and examples that need images of the demo's shape, not real digits. Values are
+    prototype pixels in [0, 1] plus N(0, 0.3^2) noise; split like :func:`load_digits`.
+
+    Example:
+        >>> data = synthetic_digits(50, seed=0)
+        >>> data.name, tuple(data.train_images.shape), tuple(data.test_labels.shape)
+        ('synthetic', (40, 1, 28, 28), (10,))
+    """
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 2:
+        raise ValueError(f"synthetic_digits: expected num_images to be an int >= 2, got {num_images!r}")
+    generator = torch.Generator().manual_seed(seed)
+    prototypes = torch.rand(NUM_CLASSES, 1, size, size, generator=generator)  # (10, 1, size, size)
+    labels = torch.randint(0, NUM_CLASSES, (num_images,), generator=generator)  # (N,)
+    noise = torch.randn(num_images, 1, size, size, generator=generator)
+    return _seeded_split("synthetic", prototypes[labels] + 0.3 * noise, labels, seed, test_fraction)
+
+
+def _seeded_split(name: str, images: Tensor, labels: Tensor, seed: int, test_fraction: float) -> Dataset:
+    """Train/test split by a permutation seeded with ``seed``: the first ``test_fraction`` is the test set."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"{name} data: expected test_fraction in (0, 1), got {test_fraction!r}")
     order = torch.as_tensor(np.random.default_rng(seed).permutation(len(labels)))
     num_test = round(len(labels) * test_fraction)
     test, train = order[:num_test], order[num_test:]
-    return Dataset("digits", images[train], labels[train], images[test], labels[test])
+    return Dataset(name, images[train], labels[train], images[test], labels[test])
 
 
 def parse_idx(raw: bytes, source: str, *, ndim: int) -> np.ndarray:

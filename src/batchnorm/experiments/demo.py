@@ -1,6 +1,6 @@
 """``batchnorm demo``: run every report section and write ``bn-report/``.
 
-How to add a section (the inversion and tools issues do this):
+How to add a section (``tools_demo`` and ``inversion_demo`` are examples):
 
 1. Write ``section(ctx: Context) -> Section`` in a module of this package. Get trained models
    through ``ctx`` (for example ``lenet.lenet_runs(ctx)["bn"].model``: trained once, shared by
@@ -29,7 +29,7 @@ import torch
 
 from .. import __version__
 from ..backends import using_backend
-from . import lenet, paper, points, running_stats
+from . import inversion_demo, lenet, paper, points, running_stats, tools_demo
 from .data import Dataset, load_digits, load_mnist
 from .report import Context, DemoError, Section, check_output_dir, write_report
 
@@ -40,6 +40,8 @@ SECTIONS: list[Callable[[Context], Section]] = [
     lenet.section,
     running_stats.section,
     points.section,
+    tools_demo.section,
+    inversion_demo.section,
 ]
 
 DATASETS = ("digits", "mnist")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from .models import lenet
 from .report import Context, Figure, Section
 from .training import History, TrainConfig, train
 
-__all__ = ["LENET_LR", "LenetRun", "lenet_runs", "section"]
+__all__ = ["LENET_LR", "LenetRun", "lenet_runs", "section", "train_lenet"]
 
 # SGD with momentum 0.9 as for the MLP; with 0.1 and Xavier initialization the network without
 # batch norm leaves its initial plateau within the default run (docs/experiments.md).
@@ -30,25 +31,38 @@ def train_config(ctx: Context) -> TrainConfig:
     return TrainConfig(steps=ctx.steps, lr=LENET_LR, eval_points=ctx.eval_points, seed=ctx.seed)
 
 
+def train_lenet(
+    ctx: Context,
+    model: nn.Module,
+    config: TrainConfig,
+    *,
+    desc: str,
+    before_step: Callable[[int], None] | None = None,
+) -> History:
+    """Train ``model`` in place on the context's 28x28 training images, evaluated on its test images."""
+    train_x, test_x = ctx.images28()
+    return train(
+        model,
+        train_x,
+        ctx.data.train_labels,
+        test_x,
+        ctx.data.test_labels,
+        config,
+        before_step=before_step,
+        progress=ctx.progress,
+        desc=desc,
+    )
+
+
 def lenet_runs(ctx: Context) -> dict[str, LenetRun]:
     """The two trained LeNets, ``"plain"`` and ``"bn"`` (trained once per demo, then cached)."""
 
     def build() -> dict[str, LenetRun]:
-        train_x, test_x = ctx.images28()
         runs = {}
         for name, bn in (("plain", False), ("bn", True)):
             torch.manual_seed(ctx.seed)
             model = lenet(bn=bn).to(ctx.device)
-            history = train(
-                model,
-                train_x,
-                ctx.data.train_labels,
-                test_x,
-                ctx.data.test_labels,
-                train_config(ctx),
-                progress=ctx.progress,
-                desc=f"LeNet {'with' if bn else 'without'} BN",
-            )
+            history = train_lenet(ctx, model, train_config(ctx), desc=f"LeNet {'with' if bn else 'without'} BN")
             runs[name] = LenetRun(model, history)
         return runs
 

@@ -5,16 +5,25 @@
   the linear layer before it (the norm's shift replaces it). Weights from N(0, 0.01^2).
 - :func:`lenet`: LeNet-5 with sigmoids and average pooling on 28x28 input; with batch norm,
   :class:`batchnorm.BatchNorm2d` after each convolution and :class:`batchnorm.BatchNorm1d`
-  after the first two dense layers. Xavier-uniform weights.
+  after the first two dense layers (or any other norm: the variants, torch's). Xavier-uniform
+  weights. The one LeNet of the package: the report, ``examples/ddp_train.py`` and
+  ``batchnorm bench`` all build it here.
+
+Needs only torch: ``batchnorm.bench`` imports this module without the experiments extra.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from torch import nn
 
 from ..modules import BatchNorm1d, BatchNorm2d
 
-__all__ = ["PAPER_INIT_STD", "lenet", "paper_mlp"]
+__all__ = ["PAPER_INIT_STD", "Norm", "lenet", "paper_mlp"]
+
+# Builds a normalization layer for a number of channels (a class such as BatchNorm2d, or a lambda).
+Norm = Callable[[int], nn.Module]
 
 # The paper gives no scale ("small random Gaussian values"); 0.01 is the public reproduction's.
 PAPER_INIT_STD = 0.01
@@ -59,7 +68,7 @@ def paper_mlp(in_features: int, *, bn: bool, momentum: float | None = 0.1, width
     return model
 
 
-def lenet(*, bn: bool) -> nn.Sequential:
+def lenet(*, bn: bool = True, norm2d: Norm = BatchNorm2d, norm1d: Norm = BatchNorm1d) -> nn.Sequential:
     """LeNet-5 (sigmoid, average pooling) for (N, 1, 28, 28) input, with or without batch norm.
 
     conv 1->6 5x5 pad 2 [BN] sigmoid avgpool; conv 6->16 5x5 [BN] sigmoid avgpool;
@@ -67,36 +76,45 @@ def lenet(*, bn: bool) -> nn.Sequential:
     have no bias. Weights are Xavier-uniform: torch's default scale leaves the sigmoid network
     without batch norm on its initial plateau for thousands of steps (``docs/experiments.md``).
 
+    Args:
+        bn: put a normalization layer after each convolution and the first two dense layers.
+            Default: True.
+        norm2d: builds the layer after a convolution from its channel count. Default:
+            :class:`batchnorm.BatchNorm2d`.
+        norm1d: builds the layer after a dense layer from its feature count. Default:
+            :class:`batchnorm.BatchNorm1d`. The rank-agnostic :class:`batchnorm.BatchNorm` and
+            its variants (``BatchRenorm``, ``GhostBatchNorm``) serve as both.
+
     Shape:
         input (N, 1, 28, 28), output (N, 10).
 
     Example:
-        >>> import torch
+        >>> import torch, batchnorm
         >>> lenet(bn=True)(torch.rand(4, 1, 28, 28)).shape
         torch.Size([4, 10])
+        >>> renorm = lenet(norm2d=batchnorm.BatchRenorm, norm1d=batchnorm.BatchRenorm)
+        >>> sum(isinstance(m, batchnorm.BatchRenorm) for m in renorm)
+        4
     """
 
-    def norm2d(channels: int) -> list[nn.Module]:
-        return [BatchNorm2d(channels)] if bn else []
-
-    def norm1d(features: int) -> list[nn.Module]:
-        return [BatchNorm1d(features)] if bn else []
+    def norm(build: Norm, channels: int) -> list[nn.Module]:
+        return [build(channels)] if bn else []
 
     model = nn.Sequential(
         nn.Conv2d(1, 6, kernel_size=5, padding=2, bias=not bn),  # (N, 1, 28, 28) -> (N, 6, 28, 28)
-        *norm2d(6),
+        *norm(norm2d, 6),
         nn.Sigmoid(),
         nn.AvgPool2d(2),  # -> (N, 6, 14, 14)
         nn.Conv2d(6, 16, kernel_size=5, bias=not bn),  # -> (N, 16, 10, 10)
-        *norm2d(16),
+        *norm(norm2d, 16),
         nn.Sigmoid(),
         nn.AvgPool2d(2),  # -> (N, 16, 5, 5)
         nn.Flatten(),  # -> (N, 400)
         nn.Linear(400, 120, bias=not bn),
-        *norm1d(120),
+        *norm(norm1d, 120),
         nn.Sigmoid(),
         nn.Linear(120, 84, bias=not bn),
-        *norm1d(84),
+        *norm(norm1d, 84),
         nn.Sigmoid(),
         nn.Linear(84, 10),
     )

@@ -121,6 +121,7 @@ def train(
     config: TrainConfig,
     *,
     probe: Probe | None = None,
+    before_step: Callable[[int], None] | None = None,
     progress: bool = True,
     desc: str = "train",
 ) -> History:
@@ -132,6 +133,8 @@ def train(
         test_inputs, test_labels: evaluated at ``config.eval_steps()``.
         config: steps, learning rate, momentum, batch size, evaluation points, seed.
         probe: called at every evaluation with the model in eval mode under no_grad.
+        before_step: called with the step's index (0 for the first) before each optimizer step,
+            e.g. to set :class:`batchnorm.BatchRenorm`'s limits from :func:`batchnorm.renorm_schedule`.
         progress: show a tqdm bar on stderr.
         desc: the bar's label.
 
@@ -167,6 +170,8 @@ def train(
     loss_sum = torch.zeros((), device=train_inputs.device)
     losses_since = 0
     for step in tqdm(range(1, config.steps + 1), desc=desc, disable=not progress, leave=True, dynamic_ncols=True):
+        if before_step is not None:
+            before_step(step - 1)
         index = next(batches).to(train_inputs.device)
         loss = F.cross_entropy(model(train_inputs[index]), train_labels[index])
         optimizer.zero_grad(set_to_none=True)
