@@ -108,6 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tmp = f"{args.out}.tmp"
                 torch.save({key: value.cpu() for key, value in model.state_dict().items()}, tmp)
                 os.replace(tmp, args.out)
+        if distributed:
+            # Every rank leaves together: tearing gloo down while rank 0 still evaluates and
+            # saves can abort the process ("terminate called without an active exception").
+            dist.barrier()
     finally:
         if distributed:
             dist.destroy_process_group()

@@ -126,11 +126,11 @@ def test_each_rank_and_layout_compiles_on_its_own_budget(monkeypatch: pytest.Mon
 
     torch._dynamo.reset()
     counters.clear()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     monkeypatch.setattr(backends, "_COMPILED", backends._CompiledKernels())
     inputs = [torch.randn(4, 3), torch.randn(4, 3, 5), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2, 2)]
     inputs.append(inputs[2].contiguous(memory_format=torch.channels_last))
-    with batchnorm.using_backend("compiled"):
+    # torch's own patch: pytest's monkeypatch deletes the attribute of a config module on undo.
+    with torch._dynamo.config.patch(recompile_limit=2), batchnorm.using_backend("compiled"):
         for x in inputs:
             for requires_grad in (False, True):
                 y = batchnorm.functional.batch_norm(x.clone().requires_grad_(requires_grad), None, None, training=True)
