@@ -20,6 +20,7 @@ def test_bench_shape_reports_consistent_figures() -> None:
     assert row.saved_mb >= 8 * 4 * 5 * 5 * 4 / 2**20
     assert row.torch_saved_mb >= 8 * 4 * 5 * 5 * 4 / 2**20
     assert "**" in bench.format_table([row])
+    assert row.peak_mb is None and "n/a (CPU)" in bench.format_table([row])  # torch counts peaks on CUDA only
 
 
 def test_interleaved_medians_takes_the_median() -> None:

@@ -64,6 +64,10 @@ class Row:
     first_call_ms: float
     saved_mb: float
     torch_saved_mb: float
+    # Peak memory of one training step above what was allocated before it (CUDA only: torch
+    # keeps no peak counter for CPU memory).
+    peak_mb: float | None = None
+    torch_peak_mb: float | None = None
 
     @property
     def train_forward_ratio(self) -> float:
@@ -129,6 +133,19 @@ def saved_bytes(fn: Callable[[], Tensor]) -> int:
     return sum(storages.values())
 
 
+def peak_bytes(step: Callable[[], None], device: torch.device) -> int | None:
+    """Bytes allocated at the peak of ``step()`` above those allocated before it, on CUDA;
+    None elsewhere."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
 def bench_shape(spec: Shape, backend: str, device: torch.device, dtype: torch.dtype, repeats: int, warmup: int) -> Row:
     generator = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(spec.shape, generator=generator).to(device=device, dtype=dtype)
@@ -179,6 +196,7 @@ def bench_shape(spec: Shape, backend: str, device: torch.device, dtype: torch.dt
         backward = interleaved_medians([train_step(ours), train_step(theirs)], repeats, warmup, device)
         ours_saved = saved_bytes(lambda: ours(x_grad))
         torch_saved = saved_bytes(lambda: theirs(x_grad))
+        ours_peak, torch_peak = peak_bytes(train_step(ours), device), peak_bytes(train_step(theirs), device)
     return Row(
         name=spec.name,
         shape=spec.shape,
@@ -193,6 +211,8 @@ def bench_shape(spec: Shape, backend: str, device: torch.device, dtype: torch.dt
         first_call_ms=first_call_ms,
         saved_mb=ours_saved / 2**20,
         torch_saved_mb=torch_saved / 2**20,
+        peak_mb=None if ours_peak is None else ours_peak / 2**20,
+        torch_peak_mb=None if torch_peak is None else torch_peak / 2**20,
     )
 
 
@@ -274,9 +294,9 @@ END_TO_END = ("LeNet-BN", lenet, (256, 1, 28, 28), 10)
 def format_table(rows: Sequence[Row]) -> str:
     header = (
         "| shape | backend | train fwd ours/torch | train fwd+bwd ours/torch | eval fwd ours/torch "
-        "| train fwd / input copy | first call | saved for backward ours/torch |"
+        "| train fwd / input copy | first call | saved for backward ours/torch | peak ours/torch |"
     )
-    lines = [header, "|" + "---|" * 8]
+    lines = [header, "|" + "---|" * 9]
     for row in rows:
         lines.append(
             f"| {row.name} {row.shape} | {row.backend} "
@@ -284,9 +304,15 @@ def format_table(rows: Sequence[Row]) -> str:
             f"| {row.train_backward_ms:.2f}/{row.torch_train_backward_ms:.2f} ms = **{row.train_backward_ratio:.2f}** "
             f"| {row.eval_forward_ms:.2f}/{row.torch_eval_forward_ms:.2f} ms = **{row.eval_forward_ratio:.2f}** "
             f"| {row.forward_copies:.2f} | {row.first_call_ms / 1e3:.1f} s "
-            f"| {row.saved_mb:.1f}/{row.torch_saved_mb:.1f} MB |"
+            f"| {row.saved_mb:.1f}/{row.torch_saved_mb:.1f} MB | {_peak(row)} |"
         )
     return "\n".join(lines)
+
+
+def _peak(row: Row) -> str:
+    if row.peak_mb is None or row.torch_peak_mb is None:
+        return "n/a (CPU)"
+    return f"{row.peak_mb:.1f}/{row.torch_peak_mb:.1f} MB"
 
 
 def run(
