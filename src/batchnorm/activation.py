@@ -322,7 +322,7 @@ def _inplace_forward(
         return x, nan, nan, nan
     else:
         mean, var = backends.batch_stats(x)
-    invstd, scale, _ = backends.scale_shift(mean, var, gamma, bias, eps)
+    invstd, scale = backends.invstd_scale(var, gamma, eps)
     shape = backends.channel_shape(x)
     if cdt == x.dtype:
         # (x - mu) * a + beta in two passes over x, both writing into x

@@ -170,12 +170,22 @@ def centered_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     return first_mean + delta, var.clamp_(min=0), centered, delta
 
 
+def channel_scale(invstd: Tensor, weight: Tensor | None) -> Tensor:
+    """a = gamma * r, (C,); r itself without affine."""
+    return invstd if weight is None else weight.to(invstd.dtype) * invstd
+
+
+def invstd_scale(var: Tensor, weight: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    """r = 1/sqrt(var + eps), a = gamma * r; both (C,)."""
+    invstd = torch.rsqrt(var + eps)
+    return invstd, channel_scale(invstd, weight)
+
+
 def scale_shift(
     mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """r = 1/sqrt(var + eps), a = gamma * r, b = beta - mu * a; all (C,)."""
-    invstd = torch.rsqrt(var + eps)
-    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    invstd, scale = invstd_scale(var, weight, eps)
     return invstd, scale, _shift(mean, scale, bias)
 
 
@@ -206,14 +216,14 @@ def forward_train(
     if torch.compiler.is_compiling():
         # The compiler fuses var_mean and the elementwise map into two passes over x.
         mean, var = batch_stats(x)
-        invstd, scale, _ = scale_shift(mean, var, weight, bias, eps)
+        invstd, scale = invstd_scale(var, weight, eps)
         centered = x.to(mean.dtype) - mean.view(shape)
         y = centered * scale.view(shape)
         if bias is not None:
             y = y + bias.to(mean.dtype).view(shape)
         return y.to(x.dtype), mean, var, invstd
     mean, var, centered, delta = centered_stats(x)
-    invstd, scale, _ = scale_shift(mean, var, weight, bias, eps)
+    invstd, scale = invstd_scale(var, weight, eps)
     # y = (c - delta) * a + beta = c * a + (beta - delta * a), written into the centered buffer,
     # which is ours, instead of a new tensor.
     if delta is not None:
@@ -278,7 +288,7 @@ def input_grad_train(
     """
     cdt = mean.dtype
     shape = channel_shape(x)
-    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    scale = channel_scale(invstd, weight)
     p = (-scale * invstd * invstd * sum_dy_xmu / count).view(shape)
     q = (-scale * sum_dy / count).view(shape)
     if centered is None:
@@ -326,7 +336,7 @@ def backward_eval(
         grad_bias, sum_dy_xmu = grad_sums(dy, x, mean)
         grad_weight = sum_dy_xmu * invstd
     if need_input_grad:
-        scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+        scale = channel_scale(invstd, weight)
         grad_input = (dy.to(invstd.dtype) * scale.view(channel_shape(x))).to(x.dtype)
     return grad_input, grad_weight, grad_bias
 

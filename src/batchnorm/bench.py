@@ -10,7 +10,9 @@ compiled backend) is reported separately.
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -352,9 +354,6 @@ def device_name(device: torch.device) -> str:
 
 def write_json_atomically(path: str, payload: object) -> None:
     """Write to a temporary name beside the target, then rename: no half-written file."""
-    import os
-    import tempfile
-
     directory = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(dir=directory, prefix=".bench-", suffix=".json")
     try:

@@ -169,6 +169,6 @@ class BatchNormFlow(nn.Module):
             mean, var = self.running_mean, self.running_var
         cdt = backends.compute_dtype(z)
         mean, var = mean.to(cdt), var.to(cdt)
-        invstd, _, _ = backends.scale_shift(mean, var, None, None, self.eps)
+        invstd, _ = backends.invstd_scale(var, None, self.eps)
         x = BF.batch_norm_inverse(z, mean, var, self.weight, self.bias, self.eps)
         return x, -self._log_abs_det(z, invstd)
