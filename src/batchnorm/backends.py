@@ -345,14 +345,13 @@ def backward_eval(
 class Kernels:
     """One implementation of the four batch-norm kernels."""
 
-    name: str
     forward_train: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
     forward_eval: Callable[..., tuple[Tensor, Tensor]]
     backward_train: Callable[..., tuple[Tensor | None, Tensor, Tensor]]
     backward_eval: Callable[..., tuple[Tensor | None, Tensor | None, Tensor | None]]
 
 
-EAGER = Kernels("eager", forward_train, forward_eval, backward_train, backward_eval)
+EAGER = Kernels(forward_train, forward_eval, backward_train, backward_eval)
 
 
 def _code_copy(fn: Callable[..., Any], suffix: str) -> Callable[..., Any]:
@@ -425,7 +424,6 @@ def _compiled_kernel(kernel: str) -> Callable[..., Any]:
 
 
 COMPILED = Kernels(
-    "compiled",
     _compiled_kernel("forward_train"),
     _compiled_kernel("forward_eval"),
     _compiled_kernel("backward_train"),
