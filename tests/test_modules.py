@@ -9,6 +9,7 @@ import pickle
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import batchnorm
 from batchnorm.functional import batch_norm
@@ -301,32 +302,79 @@ def test_num_features_must_be_a_positive_int(num_features: object) -> None:
         batchnorm.BatchNorm1d(num_features)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("name", "value"), [("momentum", 1.5), ("momentum", "0.1"), ("eps", -1.0)])
-def test_bad_hyperparameters(name: str, value: object) -> None:
-    with pytest.raises(ValueError, match=f"{name}.*got {value!r}"):
+BAD_HYPERPARAMETERS = [
+    ("momentum", float("nan"), ValueError),
+    ("momentum", "0.1", TypeError),
+    ("eps", -1.0, ValueError),
+    ("eps", float("inf"), ValueError),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "error"), BAD_HYPERPARAMETERS)
+def test_bad_hyperparameters(name: str, value: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match=f"{name}"):
         batchnorm.BatchNorm1d(3, **{name: value})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("momentum", [1.5, -0.5, 2])
+def test_momentum_outside_zero_one_extrapolates_as_torch(momentum: float) -> None:
+    ours = batchnorm.BatchNorm1d(3, momentum=momentum, dtype=torch.float64)
+    theirs = nn.BatchNorm1d(3, momentum=momentum, dtype=torch.float64)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_eps_zero_is_refused_in_training_and_accepted_in_eval_as_torch() -> None:
+    ours, theirs = batchnorm.BatchNorm1d(3, eps=0.0), nn.BatchNorm1d(3, eps=0.0)
+    x = torch.randn(8, 3)
+    with pytest.raises(ValueError, match="eps must be positive during training") as raised:
+        ours(x)
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        theirs(x)
+    assert "expected eps > 0" in str(raised.value) and ours.num_batches_tracked.item() == 0
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+# (name, overrides, our error type, phrases, whether torch refuses too)
 FUNCTIONAL_BAD = [
-    ("running_mean_size", {"running_mean": torch.zeros(5)}, ValueError, ["running_mean", "(4,)", "(5,)"]),
-    ("weight_size", {"weight": torch.ones(3)}, ValueError, ["weight", "(4,)", "(3,)"]),
-    ("bias_size", {"bias": torch.ones(4, 1)}, ValueError, ["bias", "(4,)", "(4, 1)"]),
-    ("only_running_mean", {"running_var": None}, ValueError, ["both given or both None"]),
+    ("running_mean_size", {"running_mean": torch.zeros(5)}, ValueError, ["running_mean", "(4,)", "(5,)"], True),
+    ("weight_size", {"weight": torch.ones(3)}, ValueError, ["weight", "(4,)", "(3,)"], True),
+    ("bias_size", {"bias": torch.ones(5)}, ValueError, ["bias", "(4,)", "(5,)"], True),
+    # torch reads a (4, 1) bias by its element count; a per-channel vector of another shape is refused.
+    ("bias_shape", {"bias": torch.ones(4, 1)}, ValueError, ["bias", "(4,)", "(4, 1)"], False),
+    ("only_running_mean", {"running_var": None}, ValueError, ["both given or both None"], True),
     (
         "eval_without_running",
         {"running_mean": None, "running_var": None, "training": False},
         ValueError,
         ["evaluation"],
+        True,
     ),
-    ("weight_int", {"weight": torch.ones(4, dtype=torch.long)}, TypeError, ["weight", "int64"]),
-    ("momentum", {"momentum": 2.0}, ValueError, ["momentum", "2.0"]),
+    ("weight_int", {"weight": torch.ones(4, dtype=torch.long)}, TypeError, ["weight", "int64"], True),
+    ("weight_float64", {"weight": torch.ones(4, dtype=torch.float64)}, TypeError, ["weight", "float64"], True),
+    ("running_float64", {"running_mean": torch.zeros(4, dtype=torch.float64)}, TypeError, ["float64"], True),
+    ("momentum_none", {"momentum": None}, TypeError, ["momentum", "None"], True),
+    ("momentum_string", {"momentum": "0.1"}, TypeError, ["momentum", "str"], True),
+    ("eps_zero_training", {"eps": 0.0}, ValueError, ["eps", "0.0"], True),
+    ("eps_negative_eval", {"eps": -1.0, "training": False}, ValueError, ["eps", "-1.0"], True),
+    ("momentum_nan", {"momentum": float("nan")}, ValueError, ["momentum", "nan"], False),
+    ("eps_nan", {"eps": float("nan")}, ValueError, ["eps", "nan"], False),
 ]
 
 
 @pytest.mark.parametrize(
-    ("overrides", "error", "phrases"), [case[1:] for case in FUNCTIONAL_BAD], ids=[case[0] for case in FUNCTIONAL_BAD]
+    ("overrides", "error", "phrases", "torch_refuses"),
+    [case[1:] for case in FUNCTIONAL_BAD],
+    ids=[case[0] for case in FUNCTIONAL_BAD],
 )
-def test_functional_bad_arguments(overrides: dict[str, object], error: type[Exception], phrases: list[str]) -> None:
+def test_functional_bad_arguments(
+    overrides: dict[str, object], error: type[Exception], phrases: list[str], torch_refuses: bool
+) -> None:
+    """Our clear error, which is also an instance of the type torch raises for the same call."""
     running_mean, running_var = torch.zeros(4), torch.ones(4)
     args: dict[str, object] = {
         "running_mean": running_mean,
@@ -337,11 +385,28 @@ def test_functional_bad_arguments(overrides: dict[str, object], error: type[Exce
         "momentum": 0.1,
     }
     args.update(overrides)
+    x = torch.randn(3, 4)
     with pytest.raises(error) as raised:
-        batch_norm(torch.randn(3, 4), **args)  # type: ignore[arg-type]
+        batch_norm(x, **args)  # type: ignore[arg-type]
     for phrase in phrases:
         assert phrase in str(raised.value)
     assert torch.equal(running_mean, torch.zeros(4)) and torch.equal(running_var, torch.ones(4))
+    torch_args = {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in args.items()}
+    if torch_refuses:
+        with pytest.raises(Exception) as theirs:
+            F.batch_norm(x, **torch_args)  # type: ignore[arg-type]
+        assert isinstance(raised.value, type(theirs.value)), (type(raised.value), type(theirs.value))
+    else:
+        F.batch_norm(x, **torch_args)  # type: ignore[arg-type]  # torch computes garbage here
+
+
+def test_functional_empty_one_dimensional_input_gives_an_empty_output_as_torch() -> None:
+    empty = torch.empty(0)
+    assert batch_norm(empty, None, None, training=True).shape == F.batch_norm(empty, None, None, training=True).shape
+    with pytest.raises(IndexError):
+        batch_norm(torch.randn(3), None, None, training=True)
+    with pytest.raises(IndexError):
+        F.batch_norm(torch.randn(3), None, None, training=True)
 
 
 # ---------------------------------------------------------------------------------------------

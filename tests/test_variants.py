@@ -241,7 +241,7 @@ def test_frozen_loads_a_batchnorm_state_dict_and_equals_its_eval(source: str) ->
 def test_frozen_validates_its_arguments_and_input() -> None:
     with pytest.raises(ValueError, match="FrozenBatchNorm: expected num_features to be a positive int, got 0"):
         FrozenBatchNorm(0)
-    with pytest.raises(ValueError, match="FrozenBatchNorm: expected eps to be a non-negative number"):
+    with pytest.raises(ValueError, match="FrozenBatchNorm: expected eps >= 0"):
         FrozenBatchNorm(3, eps=-1.0)
     with pytest.raises(ValueError, match=r"FrozenBatchNorm\(3\): expected input with 3 channels .* got 2 channels"):
         FrozenBatchNorm(3)(torch.randn(4, 2))

@@ -38,8 +38,17 @@ from torch.autograd.function import once_differentiable
 
 from . import backends
 from . import functional as BF
-from ._autograd import _param_grads, batch_norm_forward
-from .modules import _BatchNormBase
+from ._autograd import (
+    affine,
+    batch_norm_forward,
+    batch_norm_tangent,
+    needs_autograd_function,
+    normalized,
+    param_grads,
+    parameter_dtype,
+    without_jvp,
+)
+from .modules import _BatchNormBase, fx_leaf_call
 
 __all__ = ["ACTIVATIONS", "INVERTIBLE_ACTIVATIONS", "BatchNormAct", "InPlaceABN", "batch_norm_act", "inplace_abn"]
 
@@ -163,16 +172,18 @@ class Activation:
 
 
 class BatchNormActFunction(torch.autograd.Function):
-    """z = f(gamma * (x - mu) * r + beta) with one hand-derived backward.
+    """z = f(gamma * (x - mu) * r + beta) with one hand-derived backward and jvp.
 
     Returns ``(z, mu, var)`` like :class:`batchnorm._autograd.BatchNormFunction`. Saves x, the
     per-channel vectors and, when f' can be read off z, z (which the next layer saves anyway);
-    otherwise (silu) backward recomputes y from x.
+    otherwise (silu) backward recomputes y from x. Forward mode: t_z = f'(y) * t_y, with t_y
+    batch norm's tangent.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(
-        ctx: Any,
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
@@ -181,33 +192,37 @@ class BatchNormActFunction(torch.autograd.Function):
         eps: float,
         activation: Activation,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        y, mean, var, invstd = batch_norm_forward(x, weight, bias, eval_mean, eval_var, eps)
-        z = activation.apply_(y)  # y is a fresh tensor: f is applied in place, no second buffer
+        y, mean, var = batch_norm_forward(x, weight, bias, eval_mean, eval_var, eps)
+        return activation.apply_(y), mean, var  # y is a fresh tensor: f is applied in place
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+        x, weight, bias, eval_mean, eval_var, eps, activation = inputs
+        z, mean, var = output
         ctx.training = eval_mean is None or eval_var is None
         ctx.activation = activation
-        parameter = weight if weight is not None else bias
-        ctx.param_dtype = parameter.dtype if parameter is not None else x.dtype
-        saved_output = z if activation.output_determines_grad else None
         ctx.eps = eps
-        ctx.save_for_backward(x, weight, bias, mean, var, invstd, saved_output)
+        ctx.param_dtype = parameter_dtype(x, weight, bias)
+        saved_output = z if activation.output_determines_grad else None
+        ctx.save_for_backward(x, weight, bias, mean, var, saved_output)
+        ctx.save_for_forward(x, weight, bias, mean, var)
         ctx.mark_non_differentiable(mean, var)
-        return z, mean, var
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor, _grad_mean: Any, _grad_var: Any) -> tuple[Tensor | None, ...]:
-        x, weight, bias, mean, var, invstd, z = ctx.saved_tensors
+        x, weight, bias, mean, var, z = ctx.saved_tensors
         activation: Activation = ctx.activation
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         if x.numel() == 0:
-            zeros = torch.zeros(x.shape[1], dtype=mean.dtype, device=x.device)
+            zeros = x.new_zeros(x.shape[1], dtype=mean.dtype)
             grad_input = torch.zeros_like(x) if need_input else None
-            return (*_param_grads(grad_input, zeros, zeros, ctx.param_dtype, need_weight, need_bias), None)
+            return (*param_grads(grad_input, zeros, zeros, ctx.param_dtype, need_weight, need_bias), None)
+        invstd, scale, shift = backends.scale_shift(mean, var, weight, bias, ctx.eps)
         if z is not None:
             grad_y = activation.grad_from_output(grad_output, z)
         else:
             # y = x * a + b recomputed from the saved x, a = gamma * r, b = beta - mu * a.
-            _, scale, shift = backends.scale_shift(mean, var, weight, bias, ctx.eps)
             grad_y = activation.grad_from_input(grad_output, backends.normalize(x, scale, shift))
         kernels = backends.kernels_for(x)
         grad_weight: Tensor | None
@@ -218,11 +233,24 @@ class BatchNormActFunction(torch.autograd.Function):
             grad_input, grad_weight, grad_bias = kernels.backward_eval(
                 grad_y, x, weight, mean, invstd, need_input, need_weight or need_bias
             )
-        return (*_param_grads(grad_input, grad_weight, grad_bias, ctx.param_dtype, need_weight, need_bias), None)
+        return (*param_grads(grad_input, grad_weight, grad_bias, ctx.param_dtype, need_weight, need_bias), None)
+
+    @staticmethod
+    def jvp(
+        ctx: Any, t_x: Tensor | None, t_weight: Tensor | None, t_bias: Tensor | None, *_constants: Any
+    ) -> tuple[Tensor, None, None]:
+        x, weight, bias, mean, var = ctx.saved_tensors
+        if x.numel() == 0:
+            return torch.zeros_like(x), None, None
+        invstd = torch.rsqrt(var + ctx.eps)
+        x_hat = normalized(x, mean, invstd)
+        t_y = batch_norm_tangent(x_hat, invstd, ctx.training, weight, t_x, t_weight, t_bias)
+        y = affine(x_hat, weight, bias)
+        activation: Activation = ctx.activation
+        return activation.grad_from_input(t_y, y).to(x.dtype), None, None
 
 
-def _needs_graph(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+BatchNormActFunctionNoJvp = without_jvp(BatchNormActFunction)
 
 
 def _apply_batch_norm_act(
@@ -236,10 +264,12 @@ def _apply_batch_norm_act(
     activation: Activation,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The :data:`batchnorm.functional.Normalizer` of :class:`BatchNormAct`: (z, mu, var)."""
-    if _needs_graph(x, weight, bias):
-        z, mean, var = BatchNormActFunction.apply(x, weight, bias, eval_mean, eval_var, eps, activation)  # type: ignore[no-untyped-call]
+    if needs_autograd_function(x, weight, bias):
+        z, mean, var = (BatchNormActFunctionNoJvp if torch.compiler.is_compiling() else BatchNormActFunction).apply(
+            x, weight, bias, eval_mean, eval_var, eps, activation
+        )
         return z, mean, var
-    y, mean, var, _ = batch_norm_forward(x, weight, bias, eval_mean, eval_var, eps)
+    y, mean, var = batch_norm_forward(x, weight, bias, eval_mean, eval_var, eps)
     return activation.apply_(y), mean, var
 
 
@@ -264,7 +294,7 @@ def batch_norm_act(
         >>> import torch
         >>> from batchnorm.activation import batch_norm_act
         >>> x = torch.tensor([[1.0, 10.0], [3.0, 30.0]])
-        >>> batch_norm_act(x, None, None, training=True, eps=0.0, activation="relu")
+        >>> batch_norm_act(x, None, None, training=True, eps=1e-12, activation="relu")
         tensor([[0., 0.],
                 [1., 1.]])
     """
@@ -315,7 +345,8 @@ def _inplace_forward(
     """x <- f((x - mu) * a + beta) in place; returns (x, mu, var, r)."""
     cdt = backends.compute_dtype(x)
     if eval_mean is not None and eval_var is not None:
-        mean, var = eval_mean.to(cdt), eval_var.to(cdt)
+        # Views, not the running statistics themselves: a Function may not return an input as-is.
+        mean, var = eval_mean.to(cdt).view_as(eval_mean), eval_var.to(cdt).view_as(eval_var)
     elif x.numel() == 0:
         # Empty batch: nothing to normalize; statistics NaN as in the core.
         nan = torch.full((x.shape[1],), float("nan"), dtype=cdt, device=x.device)
@@ -342,14 +373,17 @@ def _inplace_forward(
 class InPlaceABNFunction(torch.autograd.Function):
     """In-place activated batch norm: z = f(gamma * (x - mu) * r + beta) written over x.
 
-    Saves z (the same storage as x), gamma, beta and r only; backward as in the module
-    docstring. ``weight`` is the parameter; the map uses :func:`floored_weight` of it, and the
-    gradient of the floored weight is passed to ``weight`` unchanged.
+    Saves z (the same storage as x), gamma, beta and the statistics only; backward as in the
+    module docstring. ``weight`` is the parameter; the map uses :func:`floored_weight` of it, and
+    the gradient of the floored weight is passed to ``weight`` unchanged. Forward mode rebuilds
+    x̂ = (f^-1(z) - beta) / gamma and writes t_z over the input's tangent, as an in-place
+    operation must.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(
-        ctx: Any,
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
@@ -360,28 +394,37 @@ class InPlaceABNFunction(torch.autograd.Function):
         min_abs_weight: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         gamma = floored_weight(weight, min_abs_weight)
-        z, mean, var, invstd = _inplace_forward(x, gamma, bias, eval_mean, eval_var, eps, activation)
+        z, mean, var, _ = _inplace_forward(x, gamma, bias, eval_mean, eval_var, eps, activation)
+        return z, mean, var
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+        x, weight, bias, eval_mean, eval_var, eps, activation, min_abs_weight = inputs
+        z, mean, var = output
         ctx.mark_dirty(z)
         ctx.training = eval_mean is None or eval_var is None
         ctx.activation = activation
-        parameter = weight if weight is not None else bias
-        ctx.param_dtype = parameter.dtype if parameter is not None else x.dtype
-        ctx.save_for_backward(z, gamma, bias, invstd)
+        ctx.eps = eps
+        ctx.min_abs_weight = min_abs_weight
+        ctx.param_dtype = parameter_dtype(x, weight, bias)
+        ctx.save_for_backward(z, weight, bias, var)
+        ctx.save_for_forward(z, weight, bias, var)
         ctx.mark_non_differentiable(mean, var)
-        return z, mean, var
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor, _grad_mean: Any, _grad_var: Any) -> tuple[Tensor | None, ...]:
-        z, gamma, bias, invstd = ctx.saved_tensors
+        z, weight, bias, var = ctx.saved_tensors
+        gamma = floored_weight(weight, ctx.min_abs_weight)
         activation: Activation = ctx.activation
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        invstd = torch.rsqrt(var + ctx.eps)
         cdt = invstd.dtype
         channels = z.shape[1]
         if z.numel() == 0:
-            zeros = torch.zeros(channels, dtype=cdt, device=z.device)
+            zeros = z.new_zeros(channels, dtype=cdt)
             grad_input = torch.zeros_like(z) if need_input else None
-            return (*_param_grads(grad_input, zeros, zeros, ctx.param_dtype, need_weight, need_bias), None, None)
+            return (*param_grads(grad_input, zeros, zeros, ctx.param_dtype, need_weight, need_bias), None, None)
         shape = backends.channel_shape(z)
         dims = backends.reduce_dims(z)
         zc = z.to(cdt)
@@ -408,7 +451,29 @@ class InPlaceABNFunction(torch.autograd.Function):
             else:
                 grad_input = grad_y * scale.view(shape)
             grad_input = grad_input.to(z.dtype)
-        return (*_param_grads(grad_input, grad_weight, sum_dy, ctx.param_dtype, need_weight, need_bias), None, None)
+        return (*param_grads(grad_input, grad_weight, sum_dy, ctx.param_dtype, need_weight, need_bias), None, None)
+
+    @staticmethod
+    def jvp(
+        ctx: Any, t_x: Tensor | None, t_weight: Tensor | None, t_bias: Tensor | None, *_constants: Any
+    ) -> tuple[Tensor | None, None, None]:
+        z, weight, bias, var = ctx.saved_tensors
+        if t_x is None or z.numel() == 0:
+            # The output is the input tensor: without an input tangent there is none to update.
+            return t_x, None, None
+        gamma = floored_weight(weight, ctx.min_abs_weight)
+        invstd = torch.rsqrt(var + ctx.eps)
+        cdt = invstd.dtype
+        shape = backends.channel_shape(z)
+        y = ctx.activation.inverse(z.to(cdt))  # y = f^-1(z)
+        y_centered = y if bias is None else y - bias.to(cdt).view(shape)
+        x_hat = y_centered if gamma is None else y_centered / gamma.to(cdt).view(shape)
+        t_y = batch_norm_tangent(x_hat, invstd, ctx.training, gamma, t_x, t_weight, t_bias)
+        t_x.copy_(ctx.activation.grad_from_input(t_y, y))
+        return t_x, None, None
+
+
+InPlaceABNFunctionNoJvp = without_jvp(InPlaceABNFunction)
 
 
 def _check_overwritable(input: Tensor, caller: str) -> None:
@@ -435,8 +500,10 @@ def _apply_inplace_abn(
     min_abs_weight: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The :data:`batchnorm.functional.Normalizer` of :class:`InPlaceABN`: (x overwritten by z, mu, var)."""
-    if _needs_graph(x, weight, bias):
-        z, mean, var = InPlaceABNFunction.apply(x, weight, bias, eval_mean, eval_var, eps, activation, min_abs_weight)  # type: ignore[no-untyped-call]
+    if needs_autograd_function(x, weight, bias):
+        z, mean, var = (InPlaceABNFunctionNoJvp if torch.compiler.is_compiling() else InPlaceABNFunction).apply(
+            x, weight, bias, eval_mean, eval_var, eps, activation, min_abs_weight
+        )
         return z, mean, var
     gamma = floored_weight(weight, min_abs_weight)
     z, mean, var, _ = _inplace_forward(x, gamma, bias, eval_mean, eval_var, eps, activation)
@@ -471,7 +538,7 @@ def inplace_abn(
         >>> import torch
         >>> from batchnorm.activation import inplace_abn
         >>> x = torch.tensor([[1.0, 10.0], [3.0, 30.0]])
-        >>> out = inplace_abn(x, None, None, training=True, eps=0.0, activation_param=0.5)
+        >>> out = inplace_abn(x, None, None, training=True, eps=1e-12, activation_param=0.5)
         >>> out.data_ptr() == x.data_ptr(), x
         (True, tensor([[-0.5000, -0.5000],
                 [ 1.0000,  1.0000]]))
@@ -586,7 +653,11 @@ class BatchNormAct(_ActivatedBatchNorm):
         return f"{super().extra_repr()}, activation={self._activation}"
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._forward_with(input, partial(_apply_batch_norm_act, activation=self._activation))
+        traced = fx_leaf_call(self, input)
+        if traced is not None:
+            return traced  # type: ignore[no-any-return]
+        output, _, _ = self._batch_norm(input, partial(_apply_batch_norm_act, activation=self._activation))
+        return output
 
 
 class InPlaceABN(_ActivatedBatchNorm):
@@ -675,7 +746,11 @@ class InPlaceABN(_ActivatedBatchNorm):
         return f"{super().extra_repr()}, activation={self._activation}, min_abs_weight={self.min_abs_weight:g}"
 
     def forward(self, input: Tensor) -> Tensor:
+        traced = fx_leaf_call(self, input)
+        if traced is not None:
+            return traced  # type: ignore[no-any-return]
         BF.check_input(input, self._describe())
         _check_overwritable(input, self._describe())
         normalizer = partial(_apply_inplace_abn, activation=self._activation, min_abs_weight=self.min_abs_weight)
-        return self._forward_with(input, normalizer)
+        output, _, _ = self._batch_norm(input, normalizer)
+        return output

@@ -75,7 +75,16 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------
 
 
+def functorch_active() -> bool:
+    """A torch.func transform (vmap, grad, jvp, ...) is active. Under the compiler, which traces
+    through transforms itself, False (the query would break the graph)."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def _layout(x: Tensor) -> str:
+    if functorch_active():
+        # Strides are not observable under torch.func transforms (vmap refuses layout queries).
+        return "generic"
     if x.dim() == 2:
         return "columns" if x.is_contiguous() else "generic"
     if x.is_contiguous():
@@ -213,8 +222,9 @@ def forward_train(
     |mu| >> sigma (the batch's own statistics make that case common, e.g. unnormalized pixels).
     """
     shape = channel_shape(x)
-    if torch.compiler.is_compiling():
-        # The compiler fuses var_mean and the elementwise map into two passes over x.
+    if _transforms_active():
+        # The compiler fuses var_mean and the elementwise map into two passes over x; torch.func
+        # transforms need the out-of-place form.
         mean, var = batch_stats(x)
         invstd, scale = invstd_scale(var, weight, eps)
         centered = x.to(mean.dtype) - mean.view(shape)
@@ -246,10 +256,17 @@ def forward_eval(
     return normalize(x, scale, shift), invstd
 
 
+def _transforms_active() -> bool:
+    """The compiler or a torch.func transform sees the computation: ``out=`` writes and in-place
+    reuse of buffers, which they cannot follow, give way to the out-of-place formulation."""
+    return torch.compiler.is_compiling() or functorch_active()
+
+
 def _in_autograd_or_compiler() -> bool:
     """In-place tricks and layout views are for plain eager execution; under double backward
-    (grad mode on inside backward) or the compiler, the out-of-place formulation runs."""
-    return torch.is_grad_enabled() or torch.compiler.is_compiling()
+    (grad mode on inside backward), the compiler or a torch.func transform, the out-of-place
+    formulation runs."""
+    return torch.is_grad_enabled() or _transforms_active()
 
 
 def _sums_of_centered(dy: Tensor, centered: Tensor) -> tuple[Tensor, Tensor]:
@@ -494,7 +511,7 @@ def kernels_for(x: Tensor, *, create_graph: bool = False) -> Kernels:
     compiler fuses them itself, and a compiled kernel cannot be differentiated twice.
     """
     name = get_backend()
-    if create_graph or torch.compiler.is_compiling() or name == "eager":
+    if create_graph or _transforms_active() or name == "eager":
         return EAGER
     if name == "compiled":
         return COMPILED

@@ -30,8 +30,16 @@ from torch.autograd.function import once_differentiable
 
 from . import backends
 from . import functional as BF
-from ._autograd import _param_grads, batch_norm_forward
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase
+from ._autograd import (
+    batch_norm_forward,
+    batch_norm_tangent,
+    needs_autograd_function,
+    normalized,
+    param_grads,
+    parameter_dtype,
+    without_jvp,
+)
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase, fx_leaf_call
 
 __all__ = ["ConvBatchNorm1d", "ConvBatchNorm2d", "ConvBatchNorm3d"]
 
@@ -78,12 +86,14 @@ class ConvBatchNormFunction(torch.autograd.Function):
 
     ``conv_output`` is conv(x) computed by the caller without a graph; it is used for the
     forward only, never saved, and gets no gradient. Returns ``(y, mu, var)`` like
-    :class:`batchnorm._autograd.BatchNormFunction`.
+    :class:`batchnorm._autograd.BatchNormFunction`. Forward mode: the convolution is bilinear,
+    t_c = conv(t_x; W) + conv(x; t_W) + t_b, then batch norm's tangent with c recomputed.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(
-        ctx: Any,
         x: Tensor,
         conv_weight: Tensor,
         conv_bias: Tensor | None,
@@ -95,28 +105,34 @@ class ConvBatchNormFunction(torch.autograd.Function):
         eps: float,
         geometry: ConvGeometry,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        y, mean, var, invstd = batch_norm_forward(conv_output, weight, bias, eval_mean, eval_var, eps)
+        return batch_norm_forward(conv_output, weight, bias, eval_mean, eval_var, eps)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+        x, conv_weight, conv_bias, conv_output, weight, bias, eval_mean, eval_var, eps, geometry = inputs
+        _, mean, var = output
         ctx.training = eval_mean is None or eval_var is None
         ctx.geometry = geometry
-        parameter = weight if weight is not None else bias
-        ctx.param_dtype = parameter.dtype if parameter is not None else conv_output.dtype
-        ctx.save_for_backward(x, conv_weight, conv_bias, weight, mean, invstd)
+        ctx.eps = eps
+        ctx.param_dtype = parameter_dtype(conv_output, weight, bias)
+        ctx.save_for_backward(x, conv_weight, conv_bias, weight, mean, var)
+        ctx.save_for_forward(x, conv_weight, conv_bias, weight, mean, var)
         ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor, _grad_mean: Any, _grad_var: Any) -> tuple[Tensor | None, ...]:
-        x, conv_weight, conv_bias, weight, mean, invstd = ctx.saved_tensors
+        x, conv_weight, conv_bias, weight, mean, var = ctx.saved_tensors
         geometry: ConvGeometry = ctx.geometry
         need_x, need_conv_weight, need_conv_bias, _, need_weight, need_bias = ctx.needs_input_grad[:6]
         conv_output = geometry.conv(x, conv_weight, conv_bias)  # recomputed: c = conv(x; W, b)
         need_c = need_x or need_conv_weight or need_conv_bias
+        invstd = torch.rsqrt(var + ctx.eps)
         grad_c: Tensor | None
         grad_weight: Tensor | None
         grad_bias: Tensor | None
         if conv_output.numel() == 0:
-            zeros = torch.zeros(conv_output.shape[1], dtype=mean.dtype, device=x.device)
+            zeros = x.new_zeros(conv_output.shape[1], dtype=mean.dtype)
             grad_c, grad_weight, grad_bias = torch.zeros_like(conv_output), zeros, zeros
         else:
             kernels = backends.kernels_for(conv_output)
@@ -134,10 +150,42 @@ class ConvBatchNormFunction(torch.autograd.Function):
             grad_x, grad_conv_weight, grad_conv_bias = geometry.conv_backward(
                 grad_c, x, conv_weight, conv_bias is not None, (need_x, need_conv_weight, need_conv_bias)
             )
-        _, grad_weight, grad_bias, *_ = _param_grads(
+        _, grad_weight, grad_bias, *_ = param_grads(
             None, grad_weight, grad_bias, ctx.param_dtype, need_weight, need_bias
         )
         return grad_x, grad_conv_weight, grad_conv_bias, None, grad_weight, grad_bias, None, None, None, None
+
+    @staticmethod
+    def jvp(
+        ctx: Any,
+        t_x: Tensor | None,
+        t_conv_weight: Tensor | None,
+        t_conv_bias: Tensor | None,
+        _t_conv_output: Any,
+        t_weight: Tensor | None,
+        t_bias: Tensor | None,
+        *_constants: Any,
+    ) -> tuple[Tensor, None, None]:
+        x, conv_weight, conv_bias, weight, mean, var = ctx.saved_tensors
+        geometry: ConvGeometry = ctx.geometry
+        conv_output = geometry.conv(x, conv_weight, conv_bias)  # recomputed, as in backward
+        if conv_output.numel() == 0:
+            return torch.zeros_like(conv_output), None, None
+        # t_c = conv(t_x; W) + conv(x; t_W) + t_b: the convolution is linear in each argument.
+        t_c: Tensor | None = None
+        if t_x is not None:
+            t_c = geometry.conv(t_x, conv_weight, None)
+        if t_conv_weight is not None or t_conv_bias is not None:
+            kernel = torch.zeros_like(conv_weight) if t_conv_weight is None else t_conv_weight
+            from_parameters = geometry.conv(x, kernel, t_conv_bias)
+            t_c = from_parameters if t_c is None else t_c + from_parameters
+        invstd = torch.rsqrt(var + ctx.eps)
+        c_hat = normalized(conv_output, mean, invstd)
+        t_y = batch_norm_tangent(c_hat, invstd, ctx.training, weight, t_c, t_weight, t_bias)
+        return t_y.to(conv_output.dtype), None, None
+
+
+ConvBatchNormFunctionNoJvp = without_jvp(ConvBatchNormFunction)
 
 
 def _apply_conv_batch_norm(
@@ -154,14 +202,12 @@ def _apply_conv_batch_norm(
     geometry: ConvGeometry,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The :data:`batchnorm.functional.Normalizer` of ``ConvBatchNorm*d``: (y, mu, var)."""
-    tensors = (x, conv_weight, conv_bias, weight, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        y, mean, var = ConvBatchNormFunction.apply(  # type: ignore[no-untyped-call]
+    if needs_autograd_function(x, conv_weight, conv_bias, weight, bias):
+        y, mean, var = (ConvBatchNormFunctionNoJvp if torch.compiler.is_compiling() else ConvBatchNormFunction).apply(
             x, conv_weight, conv_bias, conv_output, weight, bias, eval_mean, eval_var, eps, geometry
         )
         return y, mean, var
-    y, mean, var, _ = batch_norm_forward(conv_output, weight, bias, eval_mean, eval_var, eps)
-    return y, mean, var
+    return batch_norm_forward(conv_output, weight, bias, eval_mean, eval_var, eps)
 
 
 def _int_tuple(value: object, dims: int, name: str, caller: str) -> tuple[int, ...]:
@@ -253,6 +299,9 @@ class _ConvBatchNormNd(nn.Module):
             raise TypeError(f"{who}: expected input of dtype {self.conv.weight.dtype}, got {input.dtype}")
 
     def forward(self, input: Tensor) -> Tensor:
+        traced = fx_leaf_call(self, input)
+        if traced is not None:
+            return traced  # type: ignore[no-any-return]
         self._check_input(input)
         conv = self.conv
         with torch.no_grad():
@@ -261,7 +310,8 @@ class _ConvBatchNormNd(nn.Module):
         normalizer = partial(
             _apply_conv_batch_norm, x=input, conv_weight=conv.weight, conv_bias=conv.bias, geometry=self.geometry
         )
-        return self.bn._forward_with(conv_output, normalizer)
+        output, _, _ = self.bn._batch_norm(conv_output, normalizer)
+        return output
 
     @torch.no_grad()
     def fold(self) -> nn.Module:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from . import backends
 from . import functional as BF
-from .modules import check_num_features
+from .modules import check_hyperparameters, check_num_features
 
 __all__ = ["BatchNormFlow"]
 
@@ -79,8 +79,7 @@ class BatchNormFlow(nn.Module):
         super().__init__()
         name = type(self).__name__
         check_num_features(num_features, name)
-        BF.check_eps(eps, name)
-        BF.check_momentum(momentum, name, allow_none=True)
+        check_hyperparameters(eps, momentum, name)
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum

@@ -6,16 +6,25 @@ their docstrings hold the full description (see :class:`batchnorm.BatchNorm`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from numbers import Real
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import backends
 from ._autograd import apply_batch_norm
 
-__all__ = ["NonInvertibleError", "batch_norm", "batch_norm_inverse", "batch_norm_stats"]
+__all__ = [
+    "BatchNormArgumentError",
+    "BatchNormDtypeError",
+    "NonInvertibleError",
+    "batch_norm",
+    "batch_norm_inverse",
+    "batch_norm_stats",
+]
 
 # (input, weight, bias, eval_mean, eval_var, eps) -> (output, mu, var): the normalization step of
 # batch_norm_with_stats; training when eval_mean/eval_var are None. Fused variants (activation,
@@ -25,6 +34,27 @@ Normalizer = Callable[
 ]
 
 
+class BatchNormArgumentError(ValueError, RuntimeError):
+    """A tensor argument of the wrong shape or device, or one that is missing.
+
+    A ``ValueError`` that is also the ``RuntimeError`` torch raises in the same situation, so that
+    code written against torch's errors keeps catching it.
+    """
+
+
+class BatchNormDtypeError(TypeError, NotImplementedError):
+    """An input or per-channel tensor of a dtype batch norm does not take.
+
+    A ``TypeError`` that is also the ``NotImplementedError`` (a ``RuntimeError``) torch raises for
+    such dtypes.
+    """
+
+
+class BatchNormRankError(ValueError, IndexError):
+    """Input with fewer than two dimensions: a ``ValueError`` that is also the ``IndexError``
+    torch raises when it looks for the channel dimension."""
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -32,10 +62,11 @@ def batch_norm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     training: bool = False,
-    momentum: float = 0.1,
+    momentum: float | None = 0.1,
     eps: float = 1e-5,
     *,
     skip_nonfinite: bool = False,
+    num_batches_tracked: Tensor | None = None,
 ) -> Tensor:
     r"""Batch normalization of ``input`` (N, C, \*) per channel, as ``torch.nn.functional.batch_norm``.
 
@@ -43,19 +74,44 @@ def batch_norm(
     and, when ``running_mean``/``running_var`` are given, updates them in place:
     ``running = (1 - momentum) * running + momentum * batch`` with the unbiased batch variance.
     Otherwise normalizes with ``running_mean``/``running_var``. See :class:`batchnorm.BatchNorm`.
+    Tensor subclasses and proxies that override ``__torch_function__`` see the call, as with
+    torch's function.
 
     Args:
         skip_nonfinite: keep the running statistics of a channel whose batch statistics are not
             finite (default False here, torch's behaviour; the modules default to True).
+        num_batches_tracked: the module's batch counter (a 0-d integer tensor), for a stateless
+            call that does all a module's forward does: when given and the running statistics
+            are updated, it is incremented, and ``momentum=None`` averages cumulatively
+            (factor 1 / count).
 
     Example:
         >>> import torch
         >>> from batchnorm.functional import batch_norm
         >>> x = torch.tensor([[1.0, 10.0], [3.0, 30.0]])
-        >>> batch_norm(x, None, None, training=True, eps=0.0)
+        >>> batch_norm(x, None, None, training=True, eps=1e-12)
         tensor([[-1., -1.],
                 [ 1.,  1.]])
     """
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return handle_torch_function(
+            batch_norm,
+            (input, running_mean, running_var, weight, bias),
+            input,
+            running_mean,
+            running_var,
+            weight=weight,
+            bias=bias,
+            training=training,
+            momentum=momentum,
+            eps=eps,
+            skip_nonfinite=skip_nonfinite,
+            num_batches_tracked=num_batches_tracked,
+        )
+    if isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0:
+        # torch returns an empty output for an empty 1-D input: there is no channel to normalize.
+        check_input(input, "batch_norm", min_dim=1)
+        return input.clone()
     output, _, _ = batch_norm_with_stats(
         input,
         running_mean,
@@ -67,6 +123,7 @@ def batch_norm(
         eps,
         skip_nonfinite=skip_nonfinite,
         caller="batch_norm",
+        num_batches_tracked=num_batches_tracked,
     )
     return output
 
@@ -93,12 +150,13 @@ def batch_norm_with_stats(
     weight: Tensor | None,
     bias: Tensor | None,
     training: bool,
-    momentum: float,
+    momentum: float | None,
     eps: float,
     *,
     skip_nonfinite: bool,
     caller: str,
     normalizer: Normalizer = apply_batch_norm,
+    num_batches_tracked: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`batch_norm` that also returns the statistics it normalized with, (mu, var).
 
@@ -108,14 +166,25 @@ def batch_norm_with_stats(
     """
     check_input(input, caller)
     check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, caller)
+    update = training and running_mean is not None and running_var is not None
+    if momentum is None and update and num_batches_tracked is None:
+        raise TypeError(
+            f"{caller}: expected momentum to be a number, got None (a cumulative average needs num_batches_tracked)"
+        )
     if training:
         check_batch_size(input)
-        output, mean, var = normalizer(input, weight, bias, None, None, eps)
-        if running_mean is not None and running_var is not None and input.numel() > 0:
-            count = input.numel() // input.shape[1]
-            update_running_stats(running_mean, running_var, mean, var, count, momentum, skip_nonfinite)
-    else:
-        output, mean, var = normalizer(input, weight, bias, running_mean, running_var, eps)
+    output, mean, var = normalizer(
+        input, weight, bias, None if training else running_mean, None if training else running_var, eps
+    )
+    if update and input.numel() > 0:
+        assert running_mean is not None and running_var is not None
+        # Cumulative moving average: the n-th batch gets weight 1/n.
+        factor = 1.0 / float(num_batches_tracked + 1) if momentum is None else float(momentum)  # type: ignore[operator]
+        count = input.numel() // input.shape[1]
+        update_running_stats(running_mean, running_var, mean, var, count, factor, skip_nonfinite)
+    if update and num_batches_tracked is not None:
+        # Counted only once the call has succeeded (torch counts before it can fail).
+        num_batches_tracked.add_(1)
     return output, mean, var
 
 
@@ -146,7 +215,9 @@ def update_running_stats(
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation: each check names the caller, what it expected and what it was given.
+# Validation: each check names the caller, what it expected and what it was given. The argument
+# domain is torch's; where torch would silently compute garbage (NaN or infinite eps and
+# momentum) we refuse earlier (docs/compat.md).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -154,12 +225,12 @@ def check_input(input: object, caller: str, min_dim: int = 2) -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"{caller}: expected input to be a torch.Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
-        raise TypeError(
+        raise BatchNormDtypeError(
             f"{caller}: expected a floating-point input (float16, bfloat16, float32 or float64), "
             f"got dtype {input.dtype}"
         )
     if input.dim() < min_dim:
-        raise ValueError(
+        raise BatchNormRankError(
             f"{caller}: expected input of shape (N, C, *) with at least {min_dim} dimensions, "
             f"got {input.dim()}D input of shape {tuple(input.shape)}"
         )
@@ -182,14 +253,16 @@ def _check_channel_vector(name: str, tensor: object, input: Tensor, caller: str)
         raise TypeError(f"{caller}: expected {name} to be a torch.Tensor or None, got {type(tensor).__name__}")
     channels = input.shape[1]
     if tensor.shape != (channels,):
-        raise ValueError(
+        raise BatchNormArgumentError(
             f"{caller}: expected {name} of shape ({channels},) for input of shape "
             f"{tuple(input.shape)}, got shape {tuple(tensor.shape)}"
         )
     if tensor.device != input.device:
-        raise ValueError(f"{caller}: expected {name} on the input's device {input.device}, got {tensor.device}")
+        raise BatchNormArgumentError(
+            f"{caller}: expected {name} on the input's device {input.device}, got {tensor.device}"
+        )
     if not tensor.is_floating_point():
-        raise TypeError(f"{caller}: expected a floating-point {name}, got dtype {tensor.dtype}")
+        raise BatchNormDtypeError(f"{caller}: expected a floating-point {name}, got dtype {tensor.dtype}")
 
 
 def check_arguments(
@@ -199,16 +272,12 @@ def check_arguments(
     weight: Tensor | None,
     bias: Tensor | None,
     training: bool,
-    momentum: float,
+    momentum: float | None,
     eps: float,
     caller: str,
 ) -> None:
-    for name, tensor in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
+    vectors = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
+    for name, tensor in vectors.items():
         _check_channel_vector(name, tensor, input, caller)
     if (running_mean is None) != (running_var is None):
         raise ValueError(
@@ -216,40 +285,57 @@ def check_arguments(
             f"running_mean={'None' if running_mean is None else 'a tensor'} and "
             f"running_var={'None' if running_var is None else 'a tensor'}"
         )
-    if not training and running_mean is None:
-        raise ValueError(
-            f"{caller}: expected running_mean and running_var in evaluation mode (training=False), got None"
-        )
     if not isinstance(training, bool):
         raise TypeError(f"{caller}: expected training to be a bool, got {type(training).__name__}")
-    check_momentum(momentum, caller, allow_none=False)
-    check_eps(eps, caller)
-    for name, tensor in (("weight", weight), ("bias", bias)):
-        if tensor is not None:
-            _check_parameter_dtype(name, tensor, input, caller)
+    if not training and running_mean is None:
+        raise BatchNormArgumentError(
+            f"{caller}: expected running_mean and running_var in evaluation mode (training=False), got None"
+        )
+    if momentum is not None:
+        check_momentum(momentum, caller)
+    check_eps(eps, caller, training=training)
+    _check_vector_dtypes(vectors, input, caller)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (running_mean, running_var)):
+        # torch refuses too: the running statistics are constants of the normalization.
+        raise BatchNormArgumentError(
+            f"{caller}: expected running_mean and running_var that do not require grad (batch norm is not "
+            f"differentiable with respect to its running statistics), got a tensor that requires grad"
+        )
 
 
-def _check_parameter_dtype(name: str, tensor: Tensor, input: Tensor, caller: str) -> None:
-    """Parameters share the input's dtype, except float32 parameters with float16/bfloat16 input."""
-    if tensor.dtype == input.dtype or tensor.dtype == backends.compute_dtype(input):
+def _check_vector_dtypes(vectors: dict[str, Tensor | None], input: Tensor, caller: str) -> None:
+    """Per-channel tensors share one dtype: the input's, or float32 for float16/bfloat16 input."""
+    given = {name: t.dtype for name, t in vectors.items() if t is not None}
+    allowed = {input.dtype, backends.compute_dtype(input)}
+    if all(dtype in allowed for dtype in given.values()) and len(set(given.values())) <= 1:
         return
-    raise TypeError(
-        f"{caller}: expected {name} of dtype {input.dtype} (or float32 for float16/bfloat16 input) "
-        f"to match input of dtype {input.dtype}, got {tensor.dtype}"
+    described = ", ".join(f"{name} {dtype}" for name, dtype in given.items())
+    raise BatchNormDtypeError(
+        f"{caller}: expected weight, bias and running statistics all of dtype {input.dtype} "
+        f"(or all float32 for float16/bfloat16 input) to match input of dtype {input.dtype}, got {described}"
     )
 
 
-def check_momentum(momentum: object, caller: str, allow_none: bool) -> None:
-    if momentum is None and allow_none:
-        return
-    if isinstance(momentum, bool) or not isinstance(momentum, Real) or not 0.0 <= float(momentum) <= 1.0:
-        expected = "a number in [0, 1]" + (" or None (cumulative average)" if allow_none else "")
-        raise ValueError(f"{caller}: expected momentum to be {expected}, got {momentum!r}")
+def check_momentum(momentum: object, caller: str) -> None:
+    """Any finite number, as torch (values outside [0, 1] extrapolate; in eval it is unused)."""
+    if not isinstance(momentum, Real):
+        raise TypeError(f"{caller}: expected momentum to be a number, got {type(momentum).__name__}")
+    if not math.isfinite(float(momentum)):
+        raise ValueError(f"{caller}: expected a finite momentum, got {momentum!r}")
 
 
-def check_eps(eps: object, caller: str) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, Real) or not float(eps) >= 0.0:
-        raise ValueError(f"{caller}: expected eps to be a non-negative number, got {eps!r}")
+def check_eps(eps: object, caller: str, *, training: bool = False) -> None:
+    """eps > 0 in training and eps >= 0 in eval, as torch; finite (stricter than torch)."""
+    if not isinstance(eps, Real):
+        raise TypeError(f"{caller}: expected eps to be a number, got {type(eps).__name__}")
+    if not math.isfinite(float(eps)):
+        raise ValueError(f"{caller}: expected a finite eps, got {eps!r}")
+    if training and eps <= 0:
+        raise ValueError(
+            f"{caller}: expected eps > 0 in training (batch_norm eps must be positive during training), got {eps}"
+        )
+    if eps < 0:
+        raise ValueError(f"{caller}: expected eps >= 0 (batch_norm eps must be non-negative), got {eps}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,9 +421,7 @@ def batch_norm_inverse_named(
             raise TypeError(f"{caller}: expected {name} to be a torch.Tensor of shape (C,), got None")
     for name, vector in (("mean", mean), ("var", var), ("weight", weight), ("bias", bias)):
         _check_channel_vector(name, vector, output, caller)
-    for name, parameter in (("weight", weight), ("bias", bias)):
-        if parameter is not None:
-            _check_parameter_dtype(name, parameter, output, caller)
+    _check_vector_dtypes({"weight": weight, "bias": bias}, output, caller)
     check_eps(eps, caller)
     if on_zero_weight not in ON_ZERO_WEIGHT:
         raise ValueError(

@@ -1,7 +1,10 @@
 """Batch-norm modules: drop-in replacements for ``torch.nn.BatchNorm1d/2d/3d`` and the lazy ones.
 
-One base (:class:`_BatchNormBase`) owns parameters, buffers, state-dict versioning and the
-forward; the dimension-specific classes override only the input check.
+Each class subclasses the matching torch class, so that ``isinstance(ours, torch.nn.BatchNorm2d)``
+holds and code that finds batch norms by type keeps working. Torch's ``_NormBase`` owns the
+parameters, buffers, ``reset_*`` and state-dict versioning; one base here
+(:class:`_BatchNormBase`) owns the forward, and the dimension-specific classes override only the
+expected input rank.
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 from torch.nn.modules.lazy import LazyModuleMixin
-from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
+from . import backends
 from . import functional as BF
 from ._autograd import apply_batch_norm
 
@@ -34,23 +38,38 @@ def check_num_features(num_features: object, caller: str) -> int:
     return num_features
 
 
-class _BatchNormBase(nn.Module):
-    """State and forward shared by every batch-norm module (torch's ``_NormBase`` + ``_BatchNorm``)."""
+def check_hyperparameters(eps: object, momentum: object, caller: str) -> None:
+    """At construction, the values every later forward would refuse: eps a finite number >= 0
+    (0 is refused at the first training forward, as torch does), momentum a finite number or None."""
+    BF.check_eps(eps, caller)
+    if momentum is not None:
+        BF.check_momentum(momentum, caller)
 
-    _version = 2
+
+def fx_leaf_call(module: nn.Module, input: object) -> Any:
+    """Under ``torch.fx.symbolic_trace``, the node torch's own batch norm gives: one
+    ``call_module`` of this module, which runs it as it is at run time (mode included). None
+    when not tracing."""
+    if not torch.compiler.is_compiling() and isinstance(input, torch.fx.Proxy):
+        tracer: Any = input.tracer
+        return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+    return None
+
+
+def batch_statistics_observable() -> bool:
+    """Whether batch statistics may be kept on the module: not inside a torch.func transform,
+    whose wrapped tensors must not escape it."""
+    return not backends.functorch_active()
+
+
+class _BatchNormBase(_BatchNorm):
+    """The forward shared by every batch-norm module (torch's ``_BatchNorm`` owns the state)."""
+
     # Expected input ranks, for the error message; subclasses narrow it.
     _input_dims: tuple[int, ...] | None = None
     _input_layout = "(N, C, *)"
 
-    num_features: int
-    eps: float
-    momentum: float | None
-    affine: bool
-    track_running_stats: bool
     skip_nonfinite: bool
-    running_mean: Tensor | None
-    running_var: Tensor | None
-    num_batches_tracked: Tensor | None
     batch_mean: Tensor | None
     batch_var: Tensor | None
 
@@ -67,88 +86,32 @@ class _BatchNormBase(nn.Module):
         bias: bool = True,
         skip_nonfinite: bool = True,
     ) -> None:
-        super().__init__()
         name = type(self).__name__
-        if not isinstance(self, LazyModuleMixin):
-            check_num_features(num_features, name)
-        BF.check_eps(eps, name)
-        BF.check_momentum(momentum, name, allow_none=True)
-        factory_kwargs = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
+        check_num_features(num_features, name)
+        check_hyperparameters(eps, momentum, name)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias
+        )
+        self._init_extras(skip_nonfinite)
+
+    def _init_extras(self, skip_nonfinite: bool) -> None:
         self.skip_nonfinite = skip_nonfinite
         # Statistics of the latest forward that normalized with batch statistics (every training
         # forward; eval without running statistics), detached, biased variance: for inverse().
         self.batch_mean = None
         self.batch_var = None
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory_kwargs))
-            self.register_buffer("running_var", torch.ones(num_features, **factory_kwargs))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
 
-    def reset_running_stats(self) -> None:
-        """running_mean <- 0, running_var <- 1, num_batches_tracked <- 0 (when tracking)."""
-        if self.track_running_stats and self.running_mean is not None:
-            assert self.running_var is not None and self.num_batches_tracked is not None
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        """Running statistics reset; weight <- 1, bias <- 0."""
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # .to(device/dtype), .cuda(), .double() also move the kept batch statistics.
+        result = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        for name in ("batch_mean", "batch_var"):
+            value = getattr(self, name, None)
+            if isinstance(value, Tensor):
+                setattr(self, name, fn(value))
+        return result
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
-        )
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        version = local_metadata.get("version")
-        if (version is None or version < 2) and self.track_running_stats:
-            # Version 2 added num_batches_tracked; an older checkpoint keeps the module's counter.
-            key = prefix + "num_batches_tracked"
-            if key not in state_dict:
-                counter = self.num_batches_tracked
-                state_dict[key] = (
-                    counter
-                    if counter is not None and counter.device != torch.device("meta")
-                    else torch.tensor(0, dtype=torch.long)
-                )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        return str(super().extra_repr())  # type: ignore[no-untyped-call]
 
     # -----------------------------------------------------------------------------------------
 
@@ -165,57 +128,61 @@ class _BatchNormBase(nn.Module):
                 f"of shape {tuple(input.shape)}"
             )
 
+    def _check_input_dim(self, input: Tensor) -> None:
+        self._check_rank(input, self._describe())
+
     def _check_input(self, input: object) -> None:
-        """Type, rank, channels, dtype and device; raises before any state changes."""
+        """Type, rank, channels and device; raises before any state changes."""
         who = self._describe()
         self._check_rank(input, who)
         assert isinstance(input, Tensor)
         if input.shape[1] != self.num_features:
-            raise ValueError(
+            raise BF.BatchNormArgumentError(
                 f"{who}: expected input with {self.num_features} channels (dimension 1), got "
                 f"{input.shape[1]} channels in input of shape {tuple(input.shape)}"
             )
         for tensor in (self.weight, self.running_mean):
             if tensor is not None and tensor.device != input.device:
-                raise ValueError(
+                raise BF.BatchNormArgumentError(
                     f"{who}: expected input on the module's device {tensor.device}, got input on {input.device}"
                 )
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._forward_with(input, apply_batch_norm)
+        traced = fx_leaf_call(self, input)
+        if traced is not None:
+            return traced  # type: ignore[no-any-return]
+        output, _, _ = self._batch_norm(input, apply_batch_norm)
+        return output
 
-    def _forward_with(self, input: Tensor, normalizer: BF.Normalizer) -> Tensor:
-        """The forward, with ``normalizer`` computing the output: fused variants (batch norm +
-        activation, convolution + batch norm) pass their own and share the validation, the
-        running statistics, the counter and ``batch_mean``/``batch_var`` from here."""
+    def _batch_norm(self, input: Tensor, normalizer: BF.Normalizer) -> tuple[Tensor, Tensor, Tensor]:
+        """The forward, with ``normalizer`` computing the output; returns (output, mu, var).
+
+        Fused variants (batch norm + activation, convolution + batch norm) pass their own
+        normalizer and share the validation, the running statistics, the counter and
+        ``batch_mean``/``batch_var`` from here. As torch: batch statistics in training and in
+        eval without running statistics; running statistics updated only in training when tracked.
+        """
         self._check_input(input)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        update = self.training and self.track_running_stats
-        factor: float = 0.0 if self.momentum is None else self.momentum
-        counter = self.num_batches_tracked
-        if update and counter is not None and self.momentum is None:
-            # Cumulative moving average: the n-th batch gets weight 1/n.
-            factor = 1.0 / float(counter + 1)
+        tracked = not self.training or self.track_running_stats
         output, mean, var = BF.batch_norm_with_stats(
             input,
-            self.running_mean if not self.training or self.track_running_stats else None,
-            self.running_var if not self.training or self.track_running_stats else None,
+            self.running_mean if tracked else None,
+            self.running_var if tracked else None,
             self.weight,
             self.bias,
             use_batch_stats,
-            factor,
+            self.momentum,
             self.eps,
             skip_nonfinite=self.skip_nonfinite,
             caller=self._describe(),
             normalizer=normalizer,
+            num_batches_tracked=self.num_batches_tracked if self.training and self.track_running_stats else None,
         )
-        # Counted only once the call has succeeded (torch counts before it can fail).
-        if update and counter is not None:
-            counter.add_(1)
-        if use_batch_stats:
+        if use_batch_stats and batch_statistics_observable():
             self.batch_mean = mean.detach()
             self.batch_var = var.detach()
-        return output
+        return output, mean, var
 
     def inverse(
         self,
@@ -310,32 +277,31 @@ class BatchNorm(_BatchNormBase):
     """
 
 
-class BatchNorm1d(_BatchNormBase):
+class BatchNorm1d(_BatchNormBase, nn.BatchNorm1d):
     """:class:`BatchNorm` over 2D (N, C) or 3D (N, C, L) input, as ``torch.nn.BatchNorm1d``."""
 
     _input_dims = (2, 3)
     _input_layout = "(N, C) or (N, C, L)"
 
 
-class BatchNorm2d(_BatchNormBase):
+class BatchNorm2d(_BatchNormBase, nn.BatchNorm2d):
     """:class:`BatchNorm` over 4D (N, C, H, W) input, as ``torch.nn.BatchNorm2d``."""
 
     _input_dims = (4,)
     _input_layout = "(N, C, H, W)"
 
 
-class BatchNorm3d(_BatchNormBase):
+class BatchNorm3d(_BatchNormBase, nn.BatchNorm3d):
     """:class:`BatchNorm` over 5D (N, C, D, H, W) input, as ``torch.nn.BatchNorm3d``."""
 
     _input_dims = (5,)
     _input_layout = "(N, C, D, H, W)"
 
 
-class _LazyBatchNormBase(LazyModuleMixin, _BatchNormBase):
-    """``num_features`` taken from dimension 1 of the first input, as torch's lazy modules."""
+class _LazyBatchNormBase:
+    """``num_features`` taken from dimension 1 of the first input, as torch's lazy modules; placed
+    first among the bases of a class that also derives from torch's ``LazyBatchNorm*d``."""
 
-    weight: UninitializedParameter  # type: ignore[assignment]
-    bias: UninitializedParameter | None  # type: ignore[assignment]
     cls_to_become: type[_BatchNormBase]
 
     def __init__(
@@ -350,51 +316,35 @@ class _LazyBatchNormBase(LazyModuleMixin, _BatchNormBase):
         bias: bool = True,
         skip_nonfinite: bool = True,
     ) -> None:
-        factory_kwargs = {"device": device, "dtype": dtype}
-        # affine and tracking off: no tensors that materialization would replace at once.
-        super().__init__(0, eps, momentum, False, False, skip_nonfinite=skip_nonfinite, **factory_kwargs)
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = UninitializedParameter(**factory_kwargs)
-            self.bias = UninitializedParameter(**factory_kwargs) if bias else None
-        if track_running_stats:
-            self.running_mean = UninitializedBuffer(**factory_kwargs)
-            self.running_var = UninitializedBuffer(**factory_kwargs)
-            self.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=device)
-
-    def reset_parameters(self) -> None:
-        if not self.has_uninitialized_params() and self.num_features != 0:
-            super().reset_parameters()
+        check_hyperparameters(eps, momentum, type(self).__name__)
+        _LazyNormBase.__init__(self, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)  # type: ignore[arg-type]
+        _BatchNormBase._init_extras(self, skip_nonfinite)  # type: ignore[arg-type]
 
     def initialize_parameters(self, input: Tensor) -> None:
-        if self.has_uninitialized_params():
-            # Validate before materializing, so that a bad first input leaves the module lazy.
-            self._check_rank(input, type(self).__name__)
-            self.num_features = input.shape[1]
-            if self.affine:
-                self.weight.materialize((self.num_features,))
-                if self.bias is not None:
-                    self.bias.materialize((self.num_features,))
-            if self.track_running_stats:
-                self.running_mean.materialize((self.num_features,))  # type: ignore[union-attr]
-                self.running_var.materialize((self.num_features,))  # type: ignore[union-attr]
-            self.reset_parameters()
+        module: Any = self
+        # Validate before materializing, so that a bad first input leaves the module lazy.
+        module._check_rank(input, type(self).__name__)
+        if module.has_uninitialized_params():
+            _LazyNormBase.initialize_parameters(module, input)
+        else:
+            # Neither affine nor tracking: nothing to materialize, but the channel count is still
+            # learned, so that later inputs are checked against it.
+            module.num_features = input.shape[1]
 
 
-class LazyBatchNorm1d(_LazyBatchNormBase, BatchNorm1d):
+class LazyBatchNorm1d(_LazyBatchNormBase, BatchNorm1d, nn.LazyBatchNorm1d):
     """:class:`BatchNorm1d` whose ``num_features`` is inferred from the first input."""
 
     cls_to_become = BatchNorm1d
 
 
-class LazyBatchNorm2d(_LazyBatchNormBase, BatchNorm2d):
+class LazyBatchNorm2d(_LazyBatchNormBase, BatchNorm2d, nn.LazyBatchNorm2d):
     """:class:`BatchNorm2d` whose ``num_features`` is inferred from the first input."""
 
     cls_to_become = BatchNorm2d
 
 
-class LazyBatchNorm3d(_LazyBatchNormBase, BatchNorm3d):
+class LazyBatchNorm3d(_LazyBatchNormBase, BatchNorm3d, nn.LazyBatchNorm3d):
     """:class:`BatchNorm3d` whose ``num_features`` is inferred from the first input."""
 
     cls_to_become = BatchNorm3d

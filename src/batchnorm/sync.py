@@ -31,18 +31,24 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import backends
 from . import functional as BF
+from ._autograd import affine_tangent, normalized, parameter_dtype, without_jvp
 from ._convert import rebuild, swap_modules
-from .modules import BatchNorm
+from .modules import BatchNorm, batch_statistics_observable, fx_leaf_call
 
 __all__ = ["SyncBatchNorm"]
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """Training batch norm over the group's global batch; returns (y, mu, var, n), n a 0-d tensor."""
+    """Training batch norm over the group's global batch; returns (y, mu, var, n), n a 0-d tensor.
+
+    Forward mode: batch norm's tangent (:mod:`batchnorm._autograd`) with the two per-channel
+    means taken over the global batch, one all_reduce of (2C,).
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(
-        ctx: Any,
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
@@ -80,27 +86,31 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if n == 0:
             # Every rank is empty: as the local batch norm, an empty output and NaN statistics.
             global_mean = global_var = torch.full((channels,), float("nan"), dtype=cdt, device=x.device)
-            invstd = global_mean
             y = x.clone()
         else:
             merged_mean = (counts * means).sum(0) / total  # (W, C) -> (C,)
             merged_m2 = m2s.sum(0) + (counts * (means - merged_mean) ** 2).sum(0)  # (W, C) -> (C,)
             global_mean = merged_mean.to(cdt)
             global_var = (merged_m2 / total).to(cdt)
-            y, invstd = backends.forward_eval(x, global_mean, global_var, weight, bias, eps)
-        ctx.count = n
+            y, _ = backends.forward_eval(x, global_mean, global_var, weight, bias, eps)
+        return y, global_mean, global_var, total.to(cdt)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        x, weight, bias, eps, group, _ = inputs
+        _, mean, var, count = output
+        ctx.count = int(count.item())
         ctx.group = group
-        parameter = weight if weight is not None else bias
-        ctx.param_dtype = parameter.dtype if parameter is not None else x.dtype
-        ctx.save_for_backward(x, weight, global_mean, invstd)
-        count_out = total.to(cdt)
-        ctx.mark_non_differentiable(global_mean, global_var, count_out)
-        return y, global_mean, global_var, count_out
+        ctx.eps = eps
+        ctx.param_dtype = parameter_dtype(x, weight, bias)
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.save_for_forward(x, weight, mean, var)
+        ctx.mark_non_differentiable(mean, var, count)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor, *_grad_stats: Any) -> tuple[Tensor | None, ...]:
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight, mean, var = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         channels = x.shape[1]
         grad_input: Tensor | None = None
@@ -110,6 +120,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             if need_input:
                 grad_input = torch.zeros_like(x)
         else:
+            invstd = torch.rsqrt(var + ctx.eps)
             sum_dy, sum_dy_xmu = backends.grad_sums(grad_output, x, mean)  # (N, C, *) -> (C,), (C,)
             grad_weight = sum_dy_xmu * invstd
             if need_input:
@@ -126,6 +137,31 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             None,
             None,
         )
+
+    @staticmethod
+    def jvp(
+        ctx: Any, t_x: Tensor | None, t_weight: Tensor | None, t_bias: Tensor | None, *_constants: Any
+    ) -> tuple[Tensor, None, None, None]:
+        x, weight, mean, var = ctx.saved_tensors
+        if ctx.count == 0:
+            return torch.zeros_like(x), None, None, None
+        invstd = torch.rsqrt(var + ctx.eps)
+        x_hat = normalized(x, mean, invstd)  # (N, C, *)
+        t_y = affine_tangent(x_hat, None, weight, t_weight, t_bias)
+        if t_x is not None:
+            # t_x̂ = r * (t_x - mean(t_x) - x̂ * mean(x̂ * t_x)), the means over the global batch.
+            shape = backends.channel_shape(x)
+            dims = backends.reduce_dims(x)
+            tangent = t_x.to(x_hat.dtype)
+            packed = torch.cat([tangent.sum(dims), (x_hat * tangent).sum(dims)])  # (2C,)
+            dist.all_reduce(packed, group=ctx.group)  # (2C,) summed over the group
+            mean_tangent, projection = (packed / ctx.count).view(2, -1)  # (C,), (C,)
+            t_x_hat = (tangent - mean_tangent.view(shape) - x_hat * projection.view(shape)) * invstd.view(shape)
+            t_y = t_y + (t_x_hat if weight is None else t_x_hat * weight.to(x_hat.dtype).view(shape))
+        return t_y.to(x.dtype), None, None, None
+
+
+_SyncBatchNormFunctionNoJvp = without_jvp(_SyncBatchNormFunction)
 
 
 class SyncBatchNorm(BatchNorm):
@@ -168,10 +204,19 @@ class SyncBatchNorm(BatchNorm):
         device: Any = None,
         dtype: Any = None,
         *,
+        bias: bool = True,
         skip_nonfinite: bool = True,
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, skip_nonfinite=skip_nonfinite
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+            skip_nonfinite=skip_nonfinite,
         )
         self.process_group = process_group
 
@@ -181,13 +226,15 @@ class SyncBatchNorm(BatchNorm):
         return dist.get_world_size(self.process_group)
 
     def forward(self, input: Tensor) -> Tensor:
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        world_size = self._world_size() if use_batch_stats else 1
-        if world_size == 1:
+        # As torch: only training synchronizes; eval normalizes locally (with the batch's own
+        # statistics when there are no running ones).
+        world_size = self._world_size() if self.training else 1
+        traced = fx_leaf_call(self, input)
+        if world_size == 1 or traced is not None:
             local: Tensor = super().forward(input)
             return local
         self._check_input(input)
-        update = self.training and self.track_running_stats
+        update = self.track_running_stats
         running_mean = self.running_mean if update else None
         running_var = self.running_var if update else None
         factor: float = 0.0 if self.momentum is None else self.momentum
@@ -198,16 +245,17 @@ class SyncBatchNorm(BatchNorm):
         BF.check_arguments(
             input, running_mean, running_var, self.weight, self.bias, True, factor, self.eps, self._describe()
         )
-        output, mean, var, count = _SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]
-            input, self.weight, self.bias, self.eps, self.process_group, world_size
-        )
+        output, mean, var, count = (
+            _SyncBatchNormFunctionNoJvp if torch.compiler.is_compiling() else _SyncBatchNormFunction
+        ).apply(input, self.weight, self.bias, self.eps, self.process_group, world_size)
         n = int(count.item())
         if running_mean is not None and running_var is not None and n > 0:
             BF.update_running_stats(running_mean, running_var, mean, var, n, factor, self.skip_nonfinite)
         if update and counter is not None:
             counter.add_(1)
-        self.batch_mean = mean.detach()
-        self.batch_var = var.detach()
+        if batch_statistics_observable():
+            self.batch_mean = mean.detach()
+            self.batch_var = var.detach()
         result: Tensor = output
         return result
 
@@ -232,13 +280,14 @@ class SyncBatchNorm(BatchNorm):
             >>> type(model[1]).__name__
             'SyncBatchNorm'
         """
-        from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _LazyBatchNormBase
+        from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase, _LazyBatchNormBase
 
         ours = (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d)
 
         def convert(child: nn.Module, path: str) -> nn.Module | None:
             # torch's batch norms (its SyncBatchNorm included) and our plain ones; not the variants.
-            if isinstance(child, _BatchNorm) or type(child) in ours or isinstance(child, _LazyBatchNormBase):
+            torch_own = isinstance(child, _BatchNorm) and not isinstance(child, _BatchNormBase)
+            if torch_own or type(child) in ours or isinstance(child, _LazyBatchNormBase):
                 return rebuild(child, cls, path, process_group=process_group)
             return None
 
