@@ -81,8 +81,16 @@ def functorch_active() -> bool:
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
+def is_batched(t: Tensor) -> bool:
+    """``t`` carries a vmap dimension, as in ``gradcheck``'s batched-gradient check, which batches
+    the backward without an active transform."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.is_batchedtensor(t) or torch._C._functorch.is_legacy_batchedtensor(t)
+
+
 def _layout(x: Tensor) -> str:
-    if functorch_active():
+    if functorch_active() or is_batched(x):
         # Strides are not observable under torch.func transforms (vmap refuses layout queries).
         return "generic"
     if x.dim() == 2:
@@ -262,16 +270,16 @@ def _transforms_active() -> bool:
     return torch.compiler.is_compiling() or functorch_active()
 
 
-def _in_autograd_or_compiler() -> bool:
+def _in_autograd_or_compiler(dy: Tensor) -> bool:
     """In-place tricks and layout views are for plain eager execution; under double backward
-    (grad mode on inside backward), the compiler or a torch.func transform, the out-of-place
-    formulation runs."""
-    return torch.is_grad_enabled() or _transforms_active()
+    (grad mode on inside backward), the compiler, a torch.func transform or a batched gradient
+    ``dy``, the out-of-place formulation runs."""
+    return torch.is_grad_enabled() or _transforms_active() or is_batched(dy)
 
 
 def _sums_of_centered(dy: Tensor, centered: Tensor) -> tuple[Tensor, Tensor]:
     """s1 = sum(dy), s2 = sum(dy * c) with c = x - mu, both (N, C, *) -> (C,)."""
-    if _in_autograd_or_compiler():
+    if _in_autograd_or_compiler(dy):
         dims = reduce_dims(dy)
         return dy.sum(dims), (dy * centered).sum(dims)
     layout = _layout(dy) if _layout(dy) == _layout(centered) else "generic"
@@ -310,7 +318,7 @@ def input_grad_train(
     q = (-scale * sum_dy / count).view(shape)
     if centered is None:
         centered = x.to(cdt) - mean.view(shape)
-    if _in_autograd_or_compiler():
+    if _in_autograd_or_compiler(dy):
         grad_input = torch.addcmul(torch.addcmul(q, centered, p), dy.to(cdt), scale.view(shape))
     else:
         grad_input = torch.addcmul(q, centered, p, out=centered).addcmul_(dy.to(cdt), scale.view(shape))

@@ -211,7 +211,12 @@ def update_running_stats(
         finite = torch.isfinite(batch_mean).logical_and_(torch.isfinite(batch_var))
         batch_mean = torch.where(finite, batch_mean, running_mean)
         batch_var = torch.where(finite, batch_var, running_var)
-    torch._foreach_lerp_([running_mean, running_var], [batch_mean, batch_var], momentum)
+    if backends.functorch_active():
+        # vmap has no batching rule for the fused forms (model ensembling batches the buffers).
+        running_mean.mul_(1 - momentum).add_(batch_mean, alpha=momentum)
+        running_var.mul_(1 - momentum).add_(batch_var, alpha=momentum)
+    else:
+        torch._foreach_lerp_([running_mean, running_var], [batch_mean, batch_var], momentum)
 
 
 # ---------------------------------------------------------------------------------------------
