@@ -305,8 +305,8 @@ def test_num_features_must_be_a_positive_int(num_features: object) -> None:
 BAD_HYPERPARAMETERS = [
     ("momentum", float("nan"), ValueError),
     ("momentum", "0.1", TypeError),
-    ("eps", -1.0, ValueError),
     ("eps", float("inf"), ValueError),
+    ("eps", None, TypeError),
 ]
 
 

@@ -269,9 +269,14 @@ def test_convert_sync_batchnorm_replaces_torch_and_our_batch_norms_keeping_state
     assert SyncBatchNorm.convert_sync_batchnorm(batchnorm.BatchNorm1d(3)).__class__ is SyncBatchNorm
 
 
-@pytest.mark.parametrize(
-    "bad", [nn.LazyBatchNorm2d(), batchnorm.LazyBatchNorm2d(), nn.BatchNorm2d(4, bias=False)], ids=str
-)
+def test_convert_sync_batchnorm_keeps_bias_false() -> None:
+    model = SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(4, bias=False)))
+    assert type(model[0]) is SyncBatchNorm and model[0].bias is None and model[0].weight is not None
+    x = torch.randn(3, 4, 2, 2)
+    torch.testing.assert_close(model[0](x), nn.BatchNorm2d(4, bias=False)(x))
+
+
+@pytest.mark.parametrize("bad", [nn.LazyBatchNorm2d(), batchnorm.LazyBatchNorm2d()], ids=str)
 def test_convert_sync_batchnorm_refuses_what_it_cannot_convert_and_changes_nothing(bad: nn.Module) -> None:
     model = nn.Sequential(nn.BatchNorm2d(4), bad)
     first = model[0]

@@ -25,7 +25,7 @@ from .modules import (
     LazyBatchNorm3d,
 )
 from .sync import SyncBatchNorm
-from .tools import fold, fold_conv_bn, fold_linear_bn, freeze, from_torch, recalibrate, to_torch
+from .tools import fold, fold_conv_bn, fold_linear_bn, freeze, from_torch, fuse_custom_config, recalibrate, to_torch
 from .variants import BatchRenorm, FrozenBatchNorm, GhostBatchNorm, renorm_schedule
 
 __version__ = "0.1.0"
@@ -57,6 +57,7 @@ __all__ = [
     "freeze",
     "from_torch",
     "functional",
+    "fuse_custom_config",
     "get_backend",
     "invert",
     "recalibrate",

@@ -19,8 +19,7 @@ Forward-mode rule, with x̂ = (x - mu) * r, for tangents t_x, t_gamma, t_beta:
     t_y = gamma * t_x̂ + t_gamma * x̂ + t_beta
 
 (d mu = mean(t_x); d var = 2 mean((x - mu) t_x); d r = -r^3 mean((x - mu) t_x); the means are
-per channel over the M values of the batch.) Tangents on the running statistics are ignored, as
-torch ignores them.
+per channel over the M values of the batch.) Tangents on the running statistics do not enter.
 """
 
 from __future__ import annotations
@@ -60,11 +59,14 @@ def batch_norm_forward(
 
 def needs_autograd_function(*tensors: Tensor | None) -> bool:
     """Whether a call must go through an autograd.Function: a gradient can be asked for (reverse
-    mode), a forward-mode level is open (a tangent may be attached), or a torch.func transform
-    is active. Otherwise inference pays for no autograd node."""
+    mode), a forward-mode level is open (a tangent may be attached), a torch.func transform is
+    active, or torch.jit.trace is recording. Otherwise inference pays for no autograd node."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return True
-    return not torch.compiler.is_compiling() and (forward_ad._current_level >= 0 or backends.functorch_active())
+    if torch.compiler.is_compiling():
+        return False
+    # torch.jit.trace records the Function as one node; it checks its trace with grad mode off.
+    return forward_ad._current_level >= 0 or backends.functorch_active() or torch._C._get_tracing_state() is not None
 
 
 def without_jvp(function: type[torch.autograd.Function]) -> Any:
@@ -221,8 +223,8 @@ class BatchNormFunction(torch.autograd.Function):
         _t_eval_var: Any,
         _t_eps: Any,
     ) -> tuple[Tensor | None, None, None]:
-        # Tangents on the running statistics are ignored, as torch's forward mode ignores them:
-        # they are constants of the normalization (reverse mode refuses them up front).
+        # The running statistics are constants of the normalization: their tangents (refused up
+        # front where torch refuses them, batchnorm.functional) do not enter.
         x, weight, mean, var = ctx.saved_tensors
         if x.numel() == 0:
             return torch.zeros_like(x), None, None

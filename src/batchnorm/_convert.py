@@ -53,17 +53,13 @@ def rebuild(old: nn.Module, cls: Callable[..., nn.Module], path: str, **extra: A
     """
     check_materialized(old, path)
     affine = bool(old.affine)
-    if affine and old.bias is None and isinstance(cls, type) and issubclass(cls, _BatchNormBase):
-        raise ValueError(
-            f"{describe(old, path)}: expected a batch norm with both weight and bias, got one built with "
-            f"bias=False, which batchnorm's modules do not support"
-        )
     new = cls(
         num_features=old.num_features,
         eps=old.eps,
         momentum=old.momentum,
         affine=affine,
         track_running_stats=old.track_running_stats,
+        bias=old.bias is not None or not affine,
         **extra,
         **factory_kwargs(old),
     )

@@ -360,6 +360,8 @@ def _inplace_forward(
         x.sub_(mean.view(shape))
         if bias is None:
             x.mul_(scale.view(shape))
+        elif backends.functorch_active() or backends.is_batched(x):
+            x.mul_(scale.view(shape)).add_(bias.view(shape))  # vmap has no rule for out=
         else:
             torch.addcmul(bias.view(shape), x, scale.view(shape), out=x)
     else:
@@ -447,7 +449,10 @@ class InPlaceABNFunction(torch.autograd.Function):
                 q = -scale * sum_dy / count  # -(a / M) * s1
                 # dx = a * dy + p * (y - beta) + q = a * dy + p * y + (q - p * beta)
                 grad_input = torch.addcmul((q - p * beta).view(shape), y, p.view(shape))
-                grad_input.addcmul_(grad_y, scale.view(shape))
+                if backends.is_batched(grad_y):
+                    grad_input = grad_input + grad_y * scale.view(shape)  # vmap's rule is out of place
+                else:
+                    grad_input.addcmul_(grad_y, scale.view(shape))
             else:
                 grad_input = grad_y * scale.view(shape)
             grad_input = grad_input.to(z.dtype)

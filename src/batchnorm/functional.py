@@ -12,6 +12,7 @@ from numbers import Real
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import backends
@@ -299,13 +300,27 @@ def check_arguments(
     if momentum is not None:
         check_momentum(momentum, caller)
     check_eps(eps, caller, training=training)
-    _check_vector_dtypes(vectors, input, caller)
+    if input.numel() > 0:
+        # As torch, which has nothing to compute for an empty batch and does not look at dtypes.
+        _check_vector_dtypes(vectors, input, caller)
+    if not training and _has_tangent(input) and (_has_tangent(running_mean) or _has_tangent(running_var)):
+        raise BatchNormArgumentError(
+            f"{caller}: expected no forward-mode tangent on running_mean or running_var when the input has one, "
+            f"got one (batch_norm is not differentiable wrt running_mean and running_var)"
+        )
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (running_mean, running_var)):
         # torch refuses too: the running statistics are constants of the normalization.
         raise BatchNormArgumentError(
             f"{caller}: expected running_mean and running_var that do not require grad (batch norm is not "
             f"differentiable with respect to its running statistics), got a tensor that requires grad"
         )
+
+
+def _has_tangent(tensor: Tensor | None) -> bool:
+    """``tensor`` carries a forward-mode tangent (``torch.autograd.forward_ad``)."""
+    if tensor is None or forward_ad._current_level < 0 or torch.compiler.is_compiling():
+        return False
+    return forward_ad.unpack_dual(tensor).tangent is not None  # type: ignore[no-untyped-call]
 
 
 def _check_vector_dtypes(vectors: dict[str, Tensor | None], input: Tensor, caller: str) -> None:
@@ -329,12 +344,15 @@ def check_momentum(momentum: object, caller: str) -> None:
         raise ValueError(f"{caller}: expected a finite momentum, got {momentum!r}")
 
 
-def check_eps(eps: object, caller: str, *, training: bool = False) -> None:
-    """eps > 0 in training and eps >= 0 in eval, as torch; finite (stricter than torch)."""
+def check_eps(eps: object, caller: str, *, training: bool = False, sign: bool = True) -> None:
+    """eps > 0 in training and eps >= 0 in eval, as torch (``sign=False``: not checked yet, as at
+    a module's construction); finite (stricter than torch)."""
     if not isinstance(eps, Real):
         raise TypeError(f"{caller}: expected eps to be a number, got {type(eps).__name__}")
     if not math.isfinite(float(eps)):
         raise ValueError(f"{caller}: expected a finite eps, got {eps!r}")
+    if not sign:
+        return
     if training and eps <= 0:
         raise ValueError(
             f"{caller}: expected eps > 0 in training (batch_norm eps must be positive during training), got {eps}"

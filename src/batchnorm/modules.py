@@ -39,9 +39,10 @@ def check_num_features(num_features: object, caller: str) -> int:
 
 
 def check_hyperparameters(eps: object, momentum: object, caller: str) -> None:
-    """At construction, the values every later forward would refuse: eps a finite number >= 0
-    (0 is refused at the first training forward, as torch does), momentum a finite number or None."""
-    BF.check_eps(eps, caller)
+    """At construction, the values every later forward would refuse: eps and momentum finite
+    numbers (momentum also None). The sign of eps is checked by the forward, as torch does: a
+    negative eps fails there, and 0 fails in training only."""
+    BF.check_eps(eps, caller, sign=False)
     if momentum is not None:
         BF.check_momentum(momentum, caller)
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from collections.abc import Iterable, Sized
+from functools import partial
 from typing import Any
 
 import torch
@@ -24,10 +26,20 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from . import modules as M
 from ._convert import check_materialized, describe, is_batch_norm, rebuild, swap_modules
+from .activation import BatchNormAct
 from .sync import SyncBatchNorm
 from .variants import FrozenBatchNorm
 
-__all__ = ["fold", "fold_conv_bn", "fold_linear_bn", "freeze", "from_torch", "recalibrate", "to_torch"]
+__all__ = [
+    "fold",
+    "fold_conv_bn",
+    "fold_linear_bn",
+    "freeze",
+    "from_torch",
+    "fuse_custom_config",
+    "recalibrate",
+    "to_torch",
+]
 
 #: Batch norms whose eval mode is exactly the per-channel affine map of their running statistics:
 #: torch's, ours (the ghost, renorm and sync variants included: their eval is plain batch norm)
@@ -354,25 +366,77 @@ def _check_batch_norms_materialized(model: nn.Module) -> None:
             check_materialized(module, path)
 
 
-def _swap_types(model: nn.Module, mapping: dict[type[nn.Module], type[nn.Module]], caller: str) -> nn.Module:
+def _swap_types(
+    model: nn.Module,
+    mapping: dict[type[nn.Module], type[nn.Module]],
+    caller: str,
+    known: Any = None,
+) -> nn.Module:
+    """A deep copy of ``model`` with every module whose exact type is in ``mapping`` rebuilt as the
+    mapped class; ``known(module, path)`` may convert further modules (or return None)."""
     _check_model(model, caller)
     _check_batch_norms_materialized(model)
 
     def convert(module: nn.Module, path: str) -> nn.Module | None:
         target = mapping.get(type(module))
         if target is None:
-            return None
+            return None if known is None else known(module, path)
         extra = {"process_group": module.process_group} if target in (SyncBatchNorm, nn.SyncBatchNorm) else {}
         return rebuild(module, target, path, **extra)
 
     return swap_modules(copy.deepcopy(model), convert)
 
 
-def from_torch(model: nn.Module) -> nn.Module:
-    """A new model with torch's ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` replaced by ours.
+# timm's batch norm + activation family: subclasses of torch's batch norm with children ``act``
+# (the activation) and ``drop`` (identity unless dropout is asked for), computing act(drop(BN(x))).
+_TIMM_NORM_ACT = ("BatchNormAct2d", "SyncBatchNormAct")
 
-    Weights, buffers, mode, device and dtype are kept; ``model`` does not change. Raises
-    ValueError for a lazy batch norm that has not seen an input and for torch's ``bias=False``.
+
+def _activation_of(act: nn.Module) -> tuple[str, float | None] | None:
+    """Our activation name and parameter for a torch activation module, or None if we have none."""
+    if isinstance(act, nn.Identity):
+        return "identity", None
+    if type(act) is nn.ReLU:
+        return "relu", None
+    if type(act) is nn.SiLU:
+        return "silu", None
+    if type(act) is nn.LeakyReLU:
+        return "leaky_relu", float(act.negative_slope)
+    if type(act) is nn.ELU:
+        return "elu", float(act.alpha)
+    return None
+
+
+def _convert_norm_act(module: nn.Module, path: str) -> nn.Module | None:
+    """timm's ``BatchNormAct2d`` (and its synchronized kin) as our :class:`BatchNormAct`."""
+    if type(module).__name__ not in _TIMM_NORM_ACT or not isinstance(module, _BatchNorm):
+        return None
+    act, drop = getattr(module, "act", None), getattr(module, "drop", None)
+    activation = _activation_of(act) if isinstance(act, nn.Module) else None
+    if activation is None or not isinstance(drop, nn.Identity):
+        return None
+    name, param = activation
+    return rebuild(module, partial(BatchNormAct, activation=name, activation_param=param), path)
+
+
+def _batch_norm_like(module: nn.Module) -> bool:
+    """A module that normalizes with batch statistics or keeps running ones, by type or by state."""
+    if isinstance(module, _BatchNorm):
+        return True
+    return "batchnorm" in type(module).__name__.lower() and isinstance(getattr(module, "running_mean", None), Tensor)
+
+
+def from_torch(model: nn.Module, *, strict: bool = False) -> nn.Module:
+    """A new model with torch's batch norms replaced by ours.
+
+    torch's ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` become ours; timm's ``BatchNormAct2d``
+    and ``SyncBatchNormAct`` (a batch norm followed by a ReLU, LeakyReLU, ELU, SiLU or identity,
+    without dropout) become :class:`batchnorm.BatchNormAct` with the same state. Weights,
+    buffers, mode, device and dtype are kept; ``model`` does not change. Any other batch-norm-like
+    module (a subclass of torch's batch norm it does not know, a frozen batch norm from another
+    library) is left as it is, with one warning that lists their names and types; with
+    ``strict=True`` that is a ``ValueError`` instead, raised before anything is built. Raises
+    ValueError for a lazy batch norm that has not seen an input.
 
     Example:
         >>> import torch, batchnorm
@@ -380,7 +444,28 @@ def from_torch(model: nn.Module) -> nn.Module:
         >>> type(model[1])
         <class 'batchnorm.modules.BatchNorm1d'>
     """
-    return _swap_types(model, _TO_OURS, "from_torch")
+    if not isinstance(strict, bool):
+        raise TypeError(f"from_torch: expected strict to be a bool, got {type(strict).__name__}")
+    _check_model(model, "from_torch")
+    left = [
+        describe(module, path)
+        for path, module in model.named_modules()
+        if _batch_norm_like(module)
+        and type(module) not in _TO_OURS
+        and not isinstance(module, M._BatchNormBase)
+        and not isinstance(module, FrozenBatchNorm)
+        and _convert_norm_act(module, path) is None
+    ]
+    if left and strict:
+        raise ValueError(f"from_torch: expected only batch norms it can convert, got {', '.join(left)}")
+    converted = _swap_types(model, _TO_OURS, "from_torch", known=_convert_norm_act)
+    if left:
+        warnings.warn(
+            f"from_torch: left {len(left)} batch-norm-like module(s) it cannot convert unchanged: {', '.join(left)}",
+            UserWarning,
+            stacklevel=2,
+        )
+    return converted
 
 
 def to_torch(model: nn.Module) -> nn.Module:
@@ -435,3 +520,45 @@ def freeze(model: nn.Module) -> nn.Module:
         return frozen
 
     return swap_modules(copy.deepcopy(model), convert)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.ao.quantization.fuse_modules
+# ---------------------------------------------------------------------------------------------
+
+
+def _with_torch_batch_norms(fuser: Any) -> Any:
+    """``fuser`` (one of torch's fuser methods) applied with our batch norms rebuilt as torch's,
+    sharing their parameters and buffers: torch's fused modules check exact types."""
+
+    def fuse(is_qat: bool, *layers: nn.Module) -> nn.Module:
+        torch_layers = [
+            rebuild(layer, _TO_TORCH[type(layer)], "") if type(layer) in _TO_TORCH else layer for layer in layers
+        ]
+        return fuser(is_qat, *torch_layers)  # type: ignore[no-any-return]
+
+    return fuse
+
+
+def fuse_custom_config() -> dict[str, Any]:
+    """The ``fuse_custom_config_dict`` with which ``torch.ao.quantization.fuse_modules`` fuses our
+    ``BatchNorm1d/2d/3d`` as it fuses torch's: convolution + batch norm (+ ReLU) and linear +
+    batch norm (torch's fuser table is keyed by exact types).
+
+    Example:
+        >>> import torch, batchnorm
+        >>> from torch.ao.quantization import fuse_modules
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4), torch.nn.ReLU()).eval()
+        >>> fused = fuse_modules(model, [["0", "1", "2"]], fuse_custom_config_dict=batchnorm.fuse_custom_config())
+        >>> type(fused[0]).__name__, type(fused[1]).__name__
+        ('ConvReLU2d', 'Identity')
+    """
+    from torch.ao.quantization import fuser_method_mappings as methods
+
+    convs = {M.BatchNorm1d: nn.Conv1d, M.BatchNorm2d: nn.Conv2d, M.BatchNorm3d: nn.Conv3d}
+    mapping: dict[tuple[type[nn.Module], ...], Any] = {}
+    for bn, conv in convs.items():
+        mapping[(conv, bn)] = _with_torch_batch_norms(methods.fuse_conv_bn)
+        mapping[(conv, bn, nn.ReLU)] = _with_torch_batch_norms(methods.fuse_conv_bn_relu)
+    mapping[(nn.Linear, M.BatchNorm1d)] = _with_torch_batch_norms(methods.fuse_linear_bn)
+    return {"additional_fuser_method_mapping": mapping}

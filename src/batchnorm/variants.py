@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from . import backends
 from . import functional as BF
+from ._autograd import apply_batch_norm
 from .modules import BatchNorm, check_num_features
 
 __all__ = ["BatchRenorm", "FrozenBatchNorm", "GhostBatchNorm", "renorm_schedule"]
@@ -155,13 +156,14 @@ class BatchRenorm(BatchNorm):
         # mu and sigma as they were before this step's update.
         running_mean = self.running_mean.detach().clone()
         running_sigma = torch.sqrt(self.running_var.detach() + self.eps)
-        output = super().forward(input)  # y0 = gamma * x_hat + beta, batch statistics
-        assert self.batch_mean is not None and self.batch_var is not None
-        cdt = self.batch_mean.dtype
+        # y0 = gamma * x_hat + beta with the batch statistics mu_B, var_B
+        output, batch_mean, batch_var = self._batch_norm(input, apply_batch_norm)
+        batch_mean, batch_var = batch_mean.detach(), batch_var.detach()
+        cdt = batch_mean.dtype
         sigma = running_sigma.to(cdt)
-        batch_sigma = torch.sqrt(self.batch_var + self.eps)  # (C,)
+        batch_sigma = torch.sqrt(batch_var + self.eps)  # (C,)
         r = torch.clamp(batch_sigma / sigma, 1.0 / self.rmax, self.rmax)  # (C,), a constant: no graph
-        d = torch.clamp((self.batch_mean - running_mean.to(cdt)) / sigma, -self.dmax, self.dmax)  # (C,)
+        d = torch.clamp((batch_mean - running_mean.to(cdt)) / sigma, -self.dmax, self.dmax)  # (C,)
         # gamma (x_hat r + d) + beta = r y0 + (1 - r) beta + gamma d; without affine, r y0 + d.
         affine = self.weight is not None and self.bias is not None
         shift = (1 - r) * self.bias.to(cdt) + self.weight.to(cdt) * d if affine else d
