@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo figures test lint typecheck bench clean
+.PHONY: demo figures test test-torch-control lint typecheck bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP)
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+
+# PyTorch's own batch-norm tests aimed at torch's classes: proves the port in tests/test_torch_suite_*.py.
+test-torch-control: $(STAMP)
+	BATCHNORM_TORCH_SUITE=torch $(BIN)/python -m pytest -q tests/test_torch_suite_modules.py tests/test_torch_suite_ops.py tests/test_torch_suite_nn.py
 
 bench: $(STAMP)
 	$(BIN)/batchnorm bench
