@@ -234,19 +234,6 @@ EXPECTED_CLASSES = {
 }
 
 
-# timm's BatchNormAct2d is an nn.BatchNorm2d; the BatchNormAct it converts to takes any rank and
-# is an instance of torch's batch-norm base only (docs/compat.md).
-MODEL_PARAMS_BATCH_NORM_ACT_NOT_2D = [
-    pytest.param(
-        name,
-        marks=[pytest.mark.xfail(strict=True, reason="BatchNormAct is not an nn.BatchNorm2d")]
-        if name == "mobilenet"
-        else [],
-    )
-    for name in MODELS
-]
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 def test_from_torch_converts_every_batch_norm(name: str) -> None:
     model = randomize(MODELS[name]())
@@ -337,7 +324,7 @@ def test_from_torch_strict_accepts_a_model_it_knows() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", MODEL_PARAMS_BATCH_NORM_ACT_NOT_2D)
+@pytest.mark.parametrize("name", list(MODELS))
 def test_converted_batch_norms_are_torch_batch_norms(name: str) -> None:
     model, converted = pair(name)
     for path, module in batch_norms(model).items():
@@ -350,7 +337,7 @@ def test_converted_batch_norms_are_torch_batch_norms(name: str) -> None:
             assert isinstance(new, nn.BatchNorm1d), path
 
 
-@pytest.mark.parametrize("name", MODEL_PARAMS_BATCH_NORM_ACT_NOT_2D)
+@pytest.mark.parametrize("name", list(MODELS))
 def test_isinstance_loop_finds_the_same_layers(name: str) -> None:
     """The fine-tuning idiom that freezes batch-norm statistics finds every layer it found before."""
     matched: dict[str, list[str]] = {"torch": [], "ours": []}

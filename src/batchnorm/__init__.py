@@ -9,7 +9,7 @@ Example:
 """
 
 from . import functional
-from .activation import BatchNormAct, InPlaceABN
+from .activation import BatchNormAct, BatchNormAct2d, InPlaceABN
 from .backends import get_backend, set_backend, using_backend
 from .conv import ConvBatchNorm1d, ConvBatchNorm2d, ConvBatchNorm3d
 from .flows import BatchNormFlow
@@ -36,6 +36,7 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormAct",
+    "BatchNormAct2d",
     "BatchNormFlow",
     "BatchRenorm",
     "ConvBatchNorm1d",

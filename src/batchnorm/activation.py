@@ -33,7 +33,7 @@ from numbers import Real
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import backends
@@ -50,7 +50,15 @@ from ._autograd import (
 )
 from .modules import _BatchNormBase, fx_leaf_call
 
-__all__ = ["ACTIVATIONS", "INVERTIBLE_ACTIVATIONS", "BatchNormAct", "InPlaceABN", "batch_norm_act", "inplace_abn"]
+__all__ = [
+    "ACTIVATIONS",
+    "INVERTIBLE_ACTIVATIONS",
+    "BatchNormAct",
+    "BatchNormAct2d",
+    "InPlaceABN",
+    "batch_norm_act",
+    "inplace_abn",
+]
 
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "silu", "identity")
 INVERTIBLE_ACTIVATIONS = ("leaky_relu", "elu", "identity")
@@ -379,10 +387,10 @@ class InPlaceABNFunction(torch.autograd.Function):
     module docstring. ``weight`` is the parameter; the map uses :func:`floored_weight` of it, and
     the gradient of the floored weight is passed to ``weight`` unchanged. Forward mode rebuilds
     x̂ = (f^-1(z) - beta) / gamma and writes t_z over the input's tangent, as an in-place
-    operation must.
+    operation must. Under ``vmap`` the vmapped dimension joins the channels: B independent batch
+    norms of C channels are one of B * C channels, computed on a copy and written back into the
+    input.
     """
-
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(
@@ -412,6 +420,43 @@ class InPlaceABNFunction(torch.autograd.Function):
         ctx.save_for_backward(z, weight, bias, var)
         ctx.save_for_forward(z, weight, bias, var)
         ctx.mark_non_differentiable(mean, var)
+
+    @staticmethod
+    def vmap(
+        info: Any,
+        in_dims: tuple[int | None, ...],
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eval_mean: Tensor | None,
+        eval_var: Tensor | None,
+        eps: float,
+        activation: Activation,
+        min_abs_weight: float,
+    ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[int, int, int]]:
+        x_dim = in_dims[0]
+        if x_dim is None:
+            raise RuntimeError(
+                "inplace_abn: expected the input to be batched under vmap, got an unbatched input with batched "
+                "parameters or statistics (an in-place result cannot hold one output per batch)"
+            )
+        size = info.batch_size
+        batched = x.movedim(x_dim, 1)  # (N, B, C, *), a view of x
+        n, channels, tail = batched.shape[0], batched.shape[2], tuple(batched.shape[3:])
+        # (N, B, C, *) -> (N, B * C, *), a copy: the Function overwrites it, and it is written back below.
+        folded = batched.reshape(n, size * channels, *tail).clone()
+
+        def vector(tensor: Tensor | None, dim: int | None) -> Tensor | None:
+            """(C,), or (B, C) batched at ``dim`` -> (B * C,)"""
+            if tensor is None:
+                return None
+            per_batch = tensor.expand(size, channels) if dim is None else tensor.movedim(dim, 0)
+            return per_batch.reshape(size * channels)
+
+        vectors = [vector(t, d) for t, d in zip((weight, bias, eval_mean, eval_var), in_dims[1:5], strict=True)]
+        z, mean, var = InPlaceABNFunction.apply(folded, *vectors, eps, activation, min_abs_weight)  # type: ignore[no-untyped-call]
+        batched.copy_(z.view(n, size, channels, *tail))  # written back into x
+        return (x, mean.view(size, channels), var.view(size, channels)), (x_dim, 0, 0)
 
     @staticmethod
     @once_differentiable
@@ -663,6 +708,22 @@ class BatchNormAct(_ActivatedBatchNorm):
             return traced  # type: ignore[no-any-return]
         output, _, _ = self._batch_norm(input, partial(_apply_batch_norm_act, activation=self._activation))
         return output
+
+
+class BatchNormAct2d(BatchNormAct, nn.BatchNorm2d):
+    """:class:`BatchNormAct` over 4D input (N, C, H, W), and an instance of ``torch.nn.BatchNorm2d``
+    as timm's ``BatchNormAct2d`` is: what :func:`batchnorm.from_torch` converts timm's into, so that
+    ``isinstance(m, nn.BatchNorm2d)`` loops find the same layers after conversion.
+
+    Example:
+        >>> import torch, batchnorm
+        >>> block = batchnorm.BatchNormAct2d(4, activation="silu")
+        >>> isinstance(block, torch.nn.BatchNorm2d), block(torch.randn(2, 4, 3, 3)).shape
+        (True, torch.Size([2, 4, 3, 3]))
+    """
+
+    _input_dims = (4,)
+    _input_layout = "(N, C, H, W)"
 
 
 class InPlaceABN(_ActivatedBatchNorm):

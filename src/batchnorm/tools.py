@@ -26,7 +26,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from . import modules as M
 from ._convert import check_materialized, describe, is_batch_norm, rebuild, swap_modules
-from .activation import BatchNormAct
+from .activation import BatchNormAct, BatchNormAct2d
 from .sync import SyncBatchNorm
 from .variants import FrozenBatchNorm
 
@@ -416,7 +416,8 @@ def _convert_norm_act(module: nn.Module, path: str) -> nn.Module | None:
     if activation is None or not isinstance(drop, nn.Identity):
         return None
     name, param = activation
-    return rebuild(module, partial(BatchNormAct, activation=name, activation_param=param), path)
+    fused = BatchNormAct2d if isinstance(module, nn.BatchNorm2d) else BatchNormAct
+    return rebuild(module, partial(fused, activation=name, activation_param=param), path)
 
 
 def _batch_norm_like(module: nn.Module) -> bool:
@@ -431,7 +432,8 @@ def from_torch(model: nn.Module, *, strict: bool = False) -> nn.Module:
 
     torch's ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` become ours; timm's ``BatchNormAct2d``
     and ``SyncBatchNormAct`` (a batch norm followed by a ReLU, LeakyReLU, ELU, SiLU or identity,
-    without dropout) become :class:`batchnorm.BatchNormAct` with the same state. Weights,
+    without dropout) become :class:`batchnorm.BatchNormAct2d` (:class:`batchnorm.BatchNormAct`
+    when not 2d) with the same state. Weights,
     buffers, mode, device and dtype are kept; ``model`` does not change. Any other batch-norm-like
     module (a subclass of torch's batch norm it does not know, a frozen batch norm from another
     library) is left as it is, with one warning that lists their names and types; with
