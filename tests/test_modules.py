@@ -495,3 +495,49 @@ def test_torch_compile_conv_bn_relu_matches_torch() -> None:
     theirs.eval()
     x = torch.randn(4, 2, 6, 6)
     torch.testing.assert_close(compiled(x), theirs(x))
+
+
+def test_batch_statistics_follow_to_device_and_dtype() -> None:
+    bn = batchnorm.BatchNorm1d(3)
+    x = torch.randn(6, 3)
+    y = bn(x)
+    bn.double()
+    assert bn.batch_mean is not None and bn.batch_mean.dtype == torch.float64
+    assert bn.batch_var is not None and bn.batch_var.dtype == torch.float64
+    torch.testing.assert_close(bn.inverse(y.double()), x.double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "cls", [batchnorm.BatchNorm1d, batchnorm.BatchNorm2d, batchnorm.BatchNorm3d, batchnorm.LazyBatchNorm2d]
+)
+def test_our_classes_are_instances_of_torchs(cls: type[nn.Module]) -> None:
+    torch_class = getattr(nn, cls.__name__)
+    assert isinstance(cls() if "Lazy" in cls.__name__ else cls(3), torch_class)
+
+
+@pytest.mark.parametrize(("affine", "track"), [(True, True), (True, False), (False, True), (False, False)])
+def test_lazy_modules_work_in_every_configuration(affine: bool, track: bool) -> None:
+    ours = batchnorm.LazyBatchNorm1d(affine=affine, track_running_stats=track)
+    theirs = nn.LazyBatchNorm1d(affine=affine, track_running_stats=track)
+    x = torch.randn(8, 5)
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert type(ours) is batchnorm.BatchNorm1d and ours.num_features == 5
+    with pytest.raises(ValueError, match="expected input with 5 channels"):
+        ours(torch.randn(8, 4))
+
+
+def test_functional_dispatches_torch_function_to_tensor_subclasses() -> None:
+    seen = []
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    x = torch.randn(4, 3).as_subclass(Logged)
+    y = batch_norm(x, None, None, training=True)
+    assert seen[0] is batch_norm and isinstance(y, Logged)
+    torch.testing.assert_close(
+        y.as_subclass(torch.Tensor), F.batch_norm(x.as_subclass(torch.Tensor), None, None, training=True)
+    )

@@ -322,3 +322,13 @@ def test_freeze_equals_eval_in_any_mode_and_leaves_the_argument() -> None:
 def test_tools_refuse_what_is_not_a_module(tool: Callable[[Any], Any]) -> None:
     with pytest.raises(TypeError, match=r"expected a torch\.nn\.Module, got int"):
         tool(3)
+
+
+def test_from_torch_and_back_keep_bias_false() -> None:
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(4, bias=False))
+    converted = batchnorm.from_torch(model)
+    assert type(converted[0]) is batchnorm.BatchNorm2d and converted[0].bias is None
+    x = torch.randn(3, 4, 2, 2)
+    torch.testing.assert_close(converted(x), model(x))
+    back = batchnorm.to_torch(converted)
+    assert type(back[0]) is torch.nn.BatchNorm2d and back[0].bias is None
