@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -107,13 +108,33 @@ def test_installed_command_exits_2_without_traceback(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_is_one_line_and_status_130(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    import batchnorm.experiments
+    from batchnorm.experiments import demo
 
     def interrupted(config: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(batchnorm.experiments.demo, "run_demo", interrupted)
-    monkeypatch.setattr(batchnorm.experiments, "run_demo", interrupted, raising=False)
+    # The command imports run_demo from batchnorm.experiments, which looks it up in demo.
+    monkeypatch.setattr(demo, "run_demo", interrupted)
     status, out, err = run_main(capsys, "demo", "--quick")
     assert status == 130 and out == ""
     assert err.strip() == "batchnorm demo: interrupted; no report written" and "Traceback" not in err
+
+
+def test_sigint_during_the_demo_ends_with_one_line_and_status_130(tmp_path: Path) -> None:
+    """The real process, interrupted once the first section has started: no traceback, no report."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchnorm.cli", "demo", "--quick", "--out", str(tmp_path / "out")],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    for line in process.stderr:  # the section counter ends its line; progress bars do not
+        if line.startswith("[1/"):
+            break
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert out == "" and "Traceback" not in err
+    assert err.rstrip().splitlines()[-1] == "batchnorm demo: interrupted; no report written"
+    assert not (tmp_path / "out" / "index.html").exists()
