@@ -4,10 +4,15 @@ How to add a section (``tools_demo`` and ``inversion_demo`` are examples):
 
 1. Write ``section(ctx: Context) -> Section`` in a module of this package. Get trained models
    through ``ctx`` (for example ``lenet.lenet_runs(ctx)["bn"].model``: trained once, shared by
-   every section that asks), build matplotlib figures with ``matplotlib.figure.Figure`` (no
-   pyplot), and return them as :class:`~batchnorm.experiments.report.Figure` objects, each with a
-   caption that says what to see and the numbers, plus any tables and a JSON-serializable
-   ``summary`` dict, which lands in ``summary.json`` under the section's ``key``.
+   every section that asks); run every experiment once per seed of ``ctx.seeds`` and report
+   means with :mod:`~batchnorm.experiments.stats` intervals, comparing with ``stats.compare``.
+   Draw figures with :func:`~batchnorm.experiments.report.new_figure` (no pyplot; at most 800 px
+   wide, no text under 9 pt) and return them as :class:`~batchnorm.experiments.report.Figure`
+   objects, each with a caption that says what to see and the numbers. The
+   :class:`~batchnorm.experiments.report.Section` carries the claim, the setup, the caveat, the
+   findings for the page's summary and a JSON-serializable ``summary`` dict, which lands in
+   ``summary.json`` under the section's ``key``. Show a ``ctx.bar`` for any phase longer than a
+   few seconds.
 2. Append the function to :data:`SECTIONS`. Sections run in that order, each under the same
    seed, thread count and backend.
 
