@@ -483,3 +483,24 @@ def test_run_demo_rejects_bad_config(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="MNIST directory not found"):
         run_demo(DemoConfig(data="mnist", data_dir=tmp_path / "none", out=tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- the documents
+
+
+def test_docs_numbers_come_from_the_default_run() -> None:
+    """docs/experiments.md and the README's demo paragraph are generated from the default run's summary."""
+    from batchnorm.experiments.docs import render
+
+    root = Path(__file__).resolve().parents[1]
+    summary = json.loads((root / "docs" / "figures" / "summary.json").read_text())
+    assert summary["data"] == "mnist5k" and summary["quick"] is False and len(summary["seeds"]) >= 3
+    for document in ("README.md", "docs/experiments.md"):
+        text = (root / document).read_text()
+        assert "<!-- BEGIN generated:" in text, document
+        assert render(text, summary) == text, f"{document} does not match docs/figures/summary.json: make figures"
+    # The README's figure is the default run's, at the size the facts in its summary say.
+    raw = (root / "docs" / "figures" / "paper_mlp.png").read_bytes()
+    facts = summary["figures"]["paper_mlp"]
+    assert struct.unpack(">II", raw[16:24]) == (facts["width_px"], facts["height_px"])
+    assert facts["width_px"] <= 800 and facts["smallest_font_pt"] >= 9

@@ -65,13 +65,25 @@ def readme_block(summary: dict[str, Any]) -> str:
         f"norm is {rates[best['bn']]:g} ({_interval_at(sweep['bn'], best['bn'])}), without "
         f"{rates[best['plain']]:g} ({_interval_at(sweep['plain'], best['plain'])}).\n"
         f"- Beyond the paper (Santurkar et al. 2018): effective beta-smoothness of the loss along the gradient, "
-        f"mean over training, {_plain(landscape['bn'], 'beta_smoothness')} with batch norm and "
-        f"{_plain(landscape['plain'], 'beta_smoothness')} without.\n"
+        f"{_smoothness(landscape)}.\n"
         f"- Also: running statistics, recalibration, batch-norm variants at small batches with matched baselines, "
         f"`fold`, the exact round trip `bn.inverse(bn(x))` (largest error "
         f"{summary['inversion']['round_trip']['train_max_abs_error']:.1e}), and what inverting a whole network "
         f"can and cannot recover."
     )
+
+
+def _smoothness(landscape: dict[str, Any]) -> str:
+    """Beta-smoothness once both networks have left their plateau, else over the whole run."""
+    key = "beta_smoothness_after_plateau"
+    if landscape["bn"].get(key) is not None and landscape["plain"].get(key) is not None:
+        return (
+            f"once both networks have left their initial plateau, {_plain(landscape['bn'], key)} with batch norm "
+            f"and {_plain(landscape['plain'], key)} without"
+        )
+    key = "beta_smoothness"
+    bn, plain = _plain(landscape["bn"], key), _plain(landscape["plain"], key)
+    return f"mean over training, {bn} with batch norm and {plain} without"
 
 
 def _interval_at(numbers: dict[str, Any], index: int) -> str:
@@ -126,6 +138,12 @@ def results_block(summary: dict[str, Any]) -> str:
         ("gradient_norm", "gradient norm"),
     ):
         lines.append(f"| {label} | {_plain(land['bn'], key)} | {_plain(land['plain'], key)} |")
+    key = "beta_smoothness_after_plateau"
+    if land["bn"].get(key) is not None and land["plain"].get(key) is not None:
+        lines.append(
+            f"| effective beta-smoothness after the plateau (test accuracy above 20%) | {_plain(land['bn'], key)} | "
+            f"{_plain(land['plain'], key)} |"
+        )
     lines += [
         "",
         f"Small batches (LeNet, {small['steps']} steps, learning rate {small['lr']}):",
@@ -162,13 +180,13 @@ BLOCKS: dict[str, Callable[[dict[str, Any]], str]] = {"readme": readme_block, "r
 
 
 def _pattern(name: str) -> re.Pattern[str]:
-    return re.compile(rf"(<!-- BEGIN generated:{name} -->\n)(.*?)(\n<!-- END generated:{name} -->)", re.DOTALL)
+    return re.compile(rf"(<!-- BEGIN generated:{name} -->\n)(.*?)(<!-- END generated:{name} -->)", re.DOTALL)
 
 
 def render(text: str, summary: dict[str, Any]) -> str:
     """``text`` with every generated block it holds rewritten from ``summary``."""
     for name, block in BLOCKS.items():
-        text = _pattern(name).sub(lambda m, b=block: m.group(1) + b(summary) + m.group(3), text)  # type: ignore[misc]
+        text = _pattern(name).sub(lambda m, b=block: m.group(1) + b(summary) + "\n" + m.group(3), text)  # type: ignore[misc]
     return text
 
 
