@@ -458,7 +458,7 @@ def section(ctx: Context) -> Section:
         f"BatchNormFlow between consecutive couplings and without, first seed; both from the same initial weights, "
         f"fitted by {num_flow_steps} Adam steps (learning rate {FLOW_SETTINGS['lr']:g}) on the same batches of "
         f"{FLOW_SETTINGS['batch_size']}. Negative log-likelihood in nats per held-out point, lower is better, over "
-        f"{len(ctx.seeds)} seeds: {flow_sentence} The batch-norm layers are exact bijections with a known "
+        f"{len(ctx.seeds)} seeds. {flow_sentence} The batch-norm layers are exact bijections with a known "
         f"log-determinant, so the flow's likelihood stays exact."
     )
     return Section(

@@ -226,9 +226,8 @@ def section(ctx: Context) -> Section:
         f"The 15th, 50th and 85th percentiles over the test set of the input to sigmoid {UNIT} of the last hidden "
         f"layer, evaluated as at inference, first seed ({ctx.seeds[0]}), same vertical scale in both panels. Without "
         f"batch norm {describe(plain)}; with batch norm {describe(bn)}. Without batch norm this seed's network "
-        f"leaves its initial plateau (test accuracy above {ESCAPE_MARK:.0%}) at {escape}: most of the movement in (b) "
-        f"is that escape, not a slow drift while the network learns. The paper reads (b) as internal covariate "
-        f"shift; the loss-landscape section tests the explanation Santurkar et al. proposed instead."
+        f"{escape}. The paper reads (b) as internal covariate shift; the loss-landscape section tests the "
+        f"explanation Santurkar et al. proposed instead."
     )
     findings = (
         f"Paper MLP on {ctx.data.name} ({ctx.steps} steps): {final_sentence} "
