@@ -25,6 +25,8 @@ LEARNING_RATES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 # Steps to 80%: in a fifth of the main run's steps, 90% is out of reach at most rates.
 THRESHOLD = 0.8
 EVAL_POINTS = 10
+# Under this mean test accuracy a network has not left its initial plateau (chance is 10%).
+PLATEAU_MARK = 0.2
 
 
 def sweep_steps(ctx: Context) -> int:
@@ -57,6 +59,22 @@ def sweep_runs(ctx: Context) -> dict[str, dict[float, list[tuple[float, int | No
 
 def _rates_text(rates: list[float]) -> str:
     return ", ".join(f"{lr:g}" for lr in rates) if rates else "none"
+
+
+def _plateau_text(intervals: dict[str, list[Interval]], steps: int) -> str:
+    """Which rates leave a network on its initial plateau (mean test accuracy under 20%) after ``steps``."""
+    parts = []
+    for name in NAMES:
+        stuck = [lr for lr, iv in zip(LEARNING_RATES, intervals[name], strict=True) if iv.mean < PLATEAU_MARK]
+        if stuck:
+            parts.append(f"{LABELS[name]} the network is still near chance at rate(s) {_rates_text(stuck)}")
+    if not parts:
+        return ""
+    return (
+        f"After {steps} steps, {'; '.join(parts)} (mean test accuracy under {PLATEAU_MARK:.0%}): there the sweep "
+        f"shows only that the network has not learned yet, whether from a slow start on its initial plateau or "
+        f"from a rate too high to train."
+    )
 
 
 def section(ctx: Context) -> Section:
@@ -176,8 +194,9 @@ def section(ctx: Context) -> Section:
         figures=(Figure("lr_sweep", "Final accuracy and speed against learning rate", caption, figure),),
         caveat=(
             f"One short budget ({steps} steps) for every rate: a low rate that would get there with more steps "
-            f"looks worse than it is. A sigmoid MLP with plain SGD and momentum; the paper's evidence is on "
-            f"Inception, where the unnormalized network diverges at the rates batch norm allows."
+            f"looks worse than it is. {_plateau_text(intervals, steps)} A sigmoid MLP with plain SGD and momentum; "
+            f"the paper's evidence is on Inception, where the unnormalized network diverges at the rates batch norm "
+            f"allows."
         ),
         findings=(comparison, ranges),
         summary=summary,
