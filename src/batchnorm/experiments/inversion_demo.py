@@ -1,7 +1,8 @@
-r"""Report section: inversion (SPEC section 6, item 5, and issue 5).
+r"""Report section: inversion, from the exact round trip of one batch norm to a whole network.
 
-Two functions, each returning its numbers and one matplotlib figure, and the section that
-shows them (:func:`section`, the report's ``inversion`` key):
+:func:`round_trip` measures ``bn.inverse(bn(x))`` on the first batch norm of a trained network;
+two functions each return their numbers and one matplotlib figure; :func:`section` (the
+report's ``inversion`` key) opens with the round trip and then shows both:
 
 * :func:`flow_demo`: a small RealNVP-style flow in 2-D (affine coupling layers with
   :class:`batchnorm.BatchNormFlow` between them) fitted to a generated toy density, against the
