@@ -15,10 +15,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/batchnorm demo
 
-# The README's figure: Figure 1 of the default demo (docs/experiments.md).
+# The README's figure and the numbers of docs/experiments.md and the README's demo paragraph,
+# all from one default run (docs/experiments.md).
 figures: $(STAMP)
 	$(BIN)/batchnorm demo --out bn-report
 	cp bn-report/paper_mlp.png docs/figures/paper_mlp.png
+	cp bn-report/summary.json docs/figures/summary.json
+	$(BIN)/python -m batchnorm.experiments.docs docs/figures/summary.json README.md docs/experiments.md
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests

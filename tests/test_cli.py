@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,8 +36,9 @@ def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
 def test_demo_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run_main(capsys, "demo", "--help")
     assert status == 0
-    for option in ("--data", "--data-dir", "--steps", "--quick", "--out", "--seed", "--device"):
+    for option in ("--data", "--data-dir", "--steps", "--seeds", "--quick", "--out", "--seed", "--device"):
         assert option in out
+    assert "mnist5k (default)" in out
 
 
 def write_idx_files(directory: Path, *, truncate: bool = False) -> None:
@@ -61,6 +63,7 @@ BAD_INPUT = {
     "zero_steps": (["--steps", "0"], "expected a positive integer, got '0'"),
     "text_steps": (["--steps", "many"], "expected a positive integer, got 'many'"),
     "negative_seed": (["--seed", "-1"], "expected a non-negative integer, got '-1'"),
+    "zero_seeds": (["--seeds", "0"], "expected a positive integer, got '0'"),
     "unknown_option": (["--fast"], "batchnorm: error: unrecognized arguments: --fast"),
 }
 
@@ -102,3 +105,36 @@ def test_installed_command_exits_2_without_traceback(tmp_path: Path) -> None:
     assert result.stderr == f"batchnorm demo: error: MNIST directory not found: {tmp_path / 'none'}\n"
     assert result.stdout == ""
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchnorm.experiments import demo
+
+    def interrupted(config: object) -> None:
+        raise KeyboardInterrupt
+
+    # The command imports run_demo from batchnorm.experiments, which looks it up in demo.
+    monkeypatch.setattr(demo, "run_demo", interrupted)
+    status, out, err = run_main(capsys, "demo", "--quick")
+    assert status == 130 and out == ""
+    assert err.strip() == "batchnorm demo: interrupted; no report written" and "Traceback" not in err
+
+
+def test_sigint_during_the_demo_ends_with_one_line_and_status_130(tmp_path: Path) -> None:
+    """The real process, interrupted once the first section has started: no traceback, no report."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchnorm.cli", "demo", "--quick", "--out", str(tmp_path / "out")],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    for line in process.stderr:  # the section counter ends its line; progress bars do not
+        if line.startswith("[1/"):
+            break
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert out == "" and "Traceback" not in err
+    assert err.rstrip().splitlines()[-1] == "batchnorm demo: interrupted; no report written"
+    assert not (tmp_path / "out" / "index.html").exists()

@@ -16,11 +16,22 @@ def test_variants_fill_every_norm_slot_of_lenet(key: str) -> None:
     model = lenet(norm2d=norm, norm1d=norm)
     norms = [m for m in model if isinstance(m, batchnorm.BatchNorm)]
     assert [m.num_features for m in norms] == [6, 16, 120, 84]
-    expected = {"batchnorm": batchnorm.BatchNorm, "batchrenorm": batchnorm.BatchRenorm}.get(key)
-    assert all(type(m) is (expected or batchnorm.GhostBatchNorm) for m in norms)
+    expected = {
+        "batchnorm": batchnorm.BatchNorm,
+        "batchnorm64": batchnorm.BatchNorm,
+        "batchrenorm": batchnorm.BatchRenorm,
+        "ghost": batchnorm.GhostBatchNorm,
+    }[key]
+    assert all(type(m) is expected for m in norms)
     if key == "ghost":
         assert all(m.virtual_batch_size == tools_demo.SMALL_BATCH for m in norms)
     assert model(torch.randn(8, 1, 28, 28)).shape == (8, 10)
+
+
+def test_ghost_batch_norm_has_a_baseline_that_sees_the_same_images() -> None:
+    batches = {key: batch for key, (_, _, batch) in tools_demo.VARIANTS.items()}
+    assert batches["ghost"] == batches["batchnorm64"] == tools_demo.GHOST_BATCH
+    assert batches["batchnorm"] == batches["batchrenorm"] == tools_demo.SMALL_BATCH
 
 
 def test_renorm_warmup_holds_then_ramps_to_the_final_limits() -> None:

