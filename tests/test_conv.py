@@ -186,3 +186,23 @@ def test_bad_input_raises_and_changes_nothing(make_input: Any, error: type[Excep
 def test_string_padding_is_refused() -> None:
     with pytest.raises(ValueError, match="expected padding to be an int or a tuple of 2 ints, got 'same'"):
         batchnorm.ConvBatchNorm2d(2, 3, 3, padding="same")  # type: ignore[arg-type]
+
+
+def test_conv_batch_norm_under_autocast_matches_the_unfused_pair() -> None:
+    torch.manual_seed(0)
+    fused = batchnorm.ConvBatchNorm2d(3, 4, 3, padding=1)
+    unfused = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4))
+    unfused[0].weight.data.copy_(fused.conv.weight.data)
+    x = torch.randn(2, 3, 6, 6)
+    outputs, grads = [], []
+    for model in (fused, unfused):
+        leaf = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(leaf)
+        y.float().square().sum().backward()
+        outputs.append(y.float())
+        grads.append((leaf.grad, next(model.parameters()).grad))
+    assert grads[0][0].dtype == torch.float32 and grads[0][1].dtype == torch.float32
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=2e-2, atol=2e-2)
+    for ours, theirs in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=5e-2, atol=5e-2)

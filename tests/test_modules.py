@@ -541,3 +541,23 @@ def test_functional_dispatches_torch_function_to_tensor_subclasses() -> None:
     torch.testing.assert_close(
         y.as_subclass(torch.Tensor), F.batch_norm(x.as_subclass(torch.Tensor), None, None, training=True)
     )
+
+
+@pytest.mark.parametrize("layout", ["rows_2d", "channels_last"])
+def test_autocast_bfloat16_keeps_float32_statistics(layout: str) -> None:
+    """Under CPU autocast the statistics, output and gradients are those computed without it."""
+    x = torch.randn(256, 64) * 3 + 1 if layout == "rows_2d" else torch.randn(8, 16, 6, 6) * 3 + 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    make = batchnorm.BatchNorm1d if x.dim() == 2 else batchnorm.BatchNorm2d
+    plain, autocast = make(x.shape[1]), make(x.shape[1])
+    x_plain, x_autocast = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_plain = plain(x_plain)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_autocast = autocast(x_autocast)
+    dy = torch.randn_like(x)
+    (y_plain * dy).sum().backward()
+    (y_autocast * dy).sum().backward()
+    torch.testing.assert_close(y_autocast, y_plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(autocast.running_var, plain.running_var, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x_autocast.grad, x_plain.grad, rtol=1e-6, atol=1e-6)

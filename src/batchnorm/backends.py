@@ -26,6 +26,7 @@ The active backend is process-wide: :func:`set_backend`, :func:`get_backend`,
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import types
@@ -376,7 +377,29 @@ class Kernels:
     backward_eval: Callable[..., tuple[Tensor | None, Tensor | None, Tensor | None]]
 
 
-EAGER = Kernels(forward_train, forward_eval, backward_train, backward_eval)
+def _full_precision(kernel: Callable[..., Any]) -> Callable[..., Any]:
+    """``kernel`` with autocast off: statistics and normalization run in the compute dtype
+    (float32 for float16/bfloat16 input) whatever autocast says, as torch's own batch norm does.
+    (Autocast would run reductions such as ``vecdot`` in bfloat16 and lose about three digits.)"""
+
+    @functools.wraps(kernel)
+    def run(*args: Any) -> Any:
+        device = next(arg.device.type for arg in args if isinstance(arg, Tensor))
+        if torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return kernel(*args)
+        return kernel(*args)
+
+    return run
+
+
+_EAGER_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "forward_train": forward_train,
+    "forward_eval": forward_eval,
+    "backward_train": backward_train,
+    "backward_eval": backward_eval,
+}
+EAGER = Kernels(**{name: _full_precision(kernel) for name, kernel in _EAGER_FUNCTIONS.items()})
 
 
 def _code_copy(fn: Callable[..., Any], suffix: str) -> Callable[..., Any]:
@@ -407,7 +430,7 @@ class _CompiledKernels:
         compiled = self._compiled.get(key)
         if compiled is None:
             suffix = f"{x.dim()}d_{_layout(x)}_{str(x.dtype).removeprefix('torch.')}_{x.device.type}"
-            compiled = self._compiled[key] = torch.compile(_code_copy(getattr(EAGER, kernel), suffix))
+            compiled = self._compiled[key] = torch.compile(_code_copy(_EAGER_FUNCTIONS[kernel], suffix))
         return compiled
 
     def run(self, kernel: str, *args: Any) -> Any:
@@ -445,7 +468,7 @@ _COMPILED = _CompiledKernels()
 
 def _compiled_kernel(kernel: str) -> Callable[..., Any]:
     # Looks _COMPILED up at call time, so that tests can swap in a fresh instance.
-    return lambda *args: _COMPILED.run(kernel, *args)
+    return _full_precision(lambda *args: _COMPILED.run(kernel, *args))
 
 
 COMPILED = Kernels(

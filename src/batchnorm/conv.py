@@ -114,6 +114,7 @@ class ConvBatchNormFunction(torch.autograd.Function):
         ctx.training = eval_mean is None or eval_var is None
         ctx.geometry = geometry
         ctx.eps = eps
+        ctx.conv_dtype = conv_output.dtype
         ctx.param_dtype = parameter_dtype(conv_output, weight, bias)
         ctx.save_for_backward(x, conv_weight, conv_bias, weight, mean, var)
         ctx.save_for_forward(x, conv_weight, conv_bias, weight, mean, var)
@@ -125,7 +126,11 @@ class ConvBatchNormFunction(torch.autograd.Function):
         x, conv_weight, conv_bias, weight, mean, var = ctx.saved_tensors
         geometry: ConvGeometry = ctx.geometry
         need_x, need_conv_weight, need_conv_bias, _, need_weight, need_bias = ctx.needs_input_grad[:6]
-        conv_output = geometry.conv(x, conv_weight, conv_bias)  # recomputed: c = conv(x; W, b)
+        # The convolution is recomputed in the dtype it ran in (autocast may have lowered it), and
+        # its gradients come back in the dtypes of x, W and b.
+        x_c, weight_c = x.to(ctx.conv_dtype), conv_weight.to(ctx.conv_dtype)
+        bias_c = None if conv_bias is None else conv_bias.to(ctx.conv_dtype)
+        conv_output = geometry.conv(x_c, weight_c, bias_c)  # recomputed: c = conv(x; W, b)
         need_c = need_x or need_conv_weight or need_conv_bias
         invstd = torch.rsqrt(var + ctx.eps)
         grad_c: Tensor | None
@@ -147,8 +152,14 @@ class ConvBatchNormFunction(torch.autograd.Function):
         del conv_output
         grad_x = grad_conv_weight = grad_conv_bias = None
         if grad_c is not None:
-            grad_x, grad_conv_weight, grad_conv_bias = geometry.conv_backward(
-                grad_c, x, conv_weight, conv_bias is not None, (need_x, need_conv_weight, need_conv_bias)
+            grads = geometry.conv_backward(
+                grad_c.to(ctx.conv_dtype), x_c, weight_c, bias_c is not None, (need_x, need_conv_weight, need_conv_bias)
+            )
+            grad_x, grad_conv_weight, grad_conv_bias = (
+                None if grad is None else grad.to(original.dtype)
+                for grad, original in zip(
+                    grads, (x, conv_weight, conv_weight if conv_bias is None else conv_bias), strict=True
+                )
             )
         _, grad_weight, grad_bias, *_ = param_grads(
             None, grad_weight, grad_bias, ctx.param_dtype, need_weight, need_bias
