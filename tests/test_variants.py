@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+import batchnorm
 from batchnorm import BatchNorm, BatchRenorm, FrozenBatchNorm, GhostBatchNorm, renorm_schedule
 
 EPS = 1e-5
@@ -247,3 +249,44 @@ def test_frozen_validates_its_arguments_and_input() -> None:
         FrozenBatchNorm(3)(torch.randn(4, 2))
     with pytest.raises(TypeError, match=r"FrozenBatchNorm\(3\): expected a floating-point input"):
         FrozenBatchNorm(3)(torch.ones(4, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("cls", [batchnorm.GhostBatchNorm, batchnorm.BatchRenorm])
+def test_variants_take_bias_false_as_torch(cls: type[nn.Module]) -> None:
+    kwargs = {"virtual_batch_size": 4} if cls is batchnorm.GhostBatchNorm else {"rmax": 1.0, "dmax": 0.0}
+    ours = cls(3, bias=False, **kwargs)
+    theirs = nn.BatchNorm1d(3, bias=False)
+    assert ours.bias is None and ours.weight is not None
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 2.0)
+        theirs.weight.copy_(ours.weight)
+    x = torch.randn(4, 3, dtype=torch.float32) * 2 + 1
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_renorm_with_weight_and_no_bias_follows_the_formula() -> None:
+    """y = gamma * (x_hat * r + d) with beta = 0: the gamma * d term must stay."""
+    bn = batchnorm.BatchRenorm(2, bias=False, rmax=2.0, dmax=1.0, dtype=torch.float64)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([2.0, -3.0], dtype=torch.float64))
+        bn.running_mean.copy_(torch.tensor([0.5, -0.5], dtype=torch.float64))
+        bn.running_var.copy_(torch.tensor([4.0, 0.25], dtype=torch.float64))
+    x = torch.randn(16, 2, dtype=torch.float64) * 3
+    mu_b, var_b = x.mean(0), x.var(0, unbiased=False)
+    sigma_b, sigma = torch.sqrt(var_b + bn.eps), torch.sqrt(bn.running_var + bn.eps)
+    r = (sigma_b / sigma).clamp(0.5, 2.0)
+    d = ((mu_b - bn.running_mean) / sigma).clamp(-1.0, 1.0)
+    expected = bn.weight.detach() * ((x - mu_b) / sigma_b * r + d)
+    torch.testing.assert_close(bn(x), expected)
+
+
+def test_frozen_loads_a_bias_false_state_dict() -> None:
+    bn = nn.BatchNorm2d(3, bias=False).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.running_mean.uniform_(-1, 1)
+    frozen = batchnorm.FrozenBatchNorm(3)
+    frozen.load_state_dict(bn.state_dict())
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(frozen(x), bn(x))

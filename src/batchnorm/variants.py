@@ -35,7 +35,7 @@ class GhostBatchNorm(BatchNorm):
     the statistics of the last virtual batch.
 
     Args:
-        num_features, eps, momentum, affine, track_running_stats, skip_nonfinite: as
+        num_features, eps, momentum, affine, track_running_stats, bias, skip_nonfinite: as
             :class:`batchnorm.BatchNorm`.
         virtual_batch_size: samples per virtual batch (a positive int).
 
@@ -61,6 +61,7 @@ class GhostBatchNorm(BatchNorm):
         device: Any = None,
         dtype: Any = None,
         *,
+        bias: bool = True,
         skip_nonfinite: bool = True,
     ) -> None:
         if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size <= 0:
@@ -68,7 +69,15 @@ class GhostBatchNorm(BatchNorm):
                 f"GhostBatchNorm: expected virtual_batch_size to be a positive int, got {virtual_batch_size!r}"
             )
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, skip_nonfinite=skip_nonfinite
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+            skip_nonfinite=skip_nonfinite,
         )
         self.virtual_batch_size = virtual_batch_size
 
@@ -106,7 +115,7 @@ class BatchRenorm(BatchNorm):
     (``track_running_stats=False``) there is nothing to correct towards and it is batch norm.
 
     Args:
-        num_features, eps, momentum, affine, track_running_stats, skip_nonfinite: as
+        num_features, eps, momentum, affine, track_running_stats, bias, skip_nonfinite: as
             :class:`batchnorm.BatchNorm`.
         rmax: bound on r, at least 1. Default: 3.0.
         dmax: bound on |d|, at least 0. Default: 5.0.
@@ -137,11 +146,20 @@ class BatchRenorm(BatchNorm):
         *,
         rmax: float = 3.0,
         dmax: float = 5.0,
+        bias: bool = True,
         skip_nonfinite: bool = True,
     ) -> None:
         _check_limits(rmax, dmax, "BatchRenorm")
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, skip_nonfinite=skip_nonfinite
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+            skip_nonfinite=skip_nonfinite,
         )
         self.rmax = float(rmax)
         self.dmax = float(dmax)
@@ -164,9 +182,11 @@ class BatchRenorm(BatchNorm):
         batch_sigma = torch.sqrt(batch_var + self.eps)  # (C,)
         r = torch.clamp(batch_sigma / sigma, 1.0 / self.rmax, self.rmax)  # (C,), a constant: no graph
         d = torch.clamp((batch_mean - running_mean.to(cdt)) / sigma, -self.dmax, self.dmax)  # (C,)
-        # gamma (x_hat r + d) + beta = r y0 + (1 - r) beta + gamma d; without affine, r y0 + d.
-        affine = self.weight is not None and self.bias is not None
-        shift = (1 - r) * self.bias.to(cdt) + self.weight.to(cdt) * d if affine else d
+        # gamma (x_hat r + d) + beta = r y0 + (1 - r) beta + gamma d, with gamma = 1 and beta = 0
+        # where the module has no weight or no bias.
+        shift = d if self.weight is None else self.weight.to(cdt) * d
+        if self.bias is not None:
+            shift = shift + (1 - r) * self.bias.to(cdt)
         return backends.normalize(output, r, shift)
 
 
@@ -224,8 +244,8 @@ class FrozenBatchNorm(nn.Module):
     Everything is a buffer (``weight``, ``bias``, ``running_mean``, ``running_var``); there are no
     parameters, and training mode changes nothing. Gradients flow to the input. It loads a
     BatchNorm state dict (torch's or ours): ``num_batches_tracked`` is accepted and ignored, and
-    a state dict without ``weight`` and ``bias`` (a batch norm built with ``affine=False``) loads
-    as weight 1 and bias 0.
+    a state dict without ``weight`` or ``bias`` (a batch norm built with ``affine=False`` or
+    ``bias=False``) loads them as weight 1 and bias 0.
 
     Args:
         num_features: C, the number of channels (a positive int).
@@ -276,14 +296,11 @@ class FrozenBatchNorm(nn.Module):
         error_msgs: list[str],
     ) -> None:
         state_dict.pop(prefix + "num_batches_tracked", None)
-        if (
-            prefix + "running_mean" in state_dict
-            and prefix + "weight" not in state_dict
-            and prefix + "bias" not in state_dict
-        ):
-            # An affine=False batch norm: the identity affine map.
-            state_dict[prefix + "weight"] = torch.ones_like(self.weight)
-            state_dict[prefix + "bias"] = torch.zeros_like(self.bias)
+        if prefix + "running_mean" in state_dict:
+            # A batch norm built with affine=False (no weight, no bias) or bias=False (no bias):
+            # the missing parts of the affine map are the identity's.
+            state_dict.setdefault(prefix + "weight", torch.ones_like(self.weight))
+            state_dict.setdefault(prefix + "bias", torch.zeros_like(self.bias))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
