@@ -410,3 +410,20 @@ def test_invert_validation_changes_nothing(kwargs: dict[str, object], error: typ
 def test_bn_prior_needs_bn_layers() -> None:
     with pytest.raises(ValueError, match="batch-norm running statistics"):
         batchnorm.invert(nn.Linear(3, 3), torch.zeros(2, 3), input_shape=(2, 3), bn_prior=1.0)
+
+
+def test_statistics_prior_reads_the_input_of_an_inplace_layer() -> None:
+    """InPlaceABN overwrites its input: the prior must see the batch norm's input, as for the
+    same block computed out of place."""
+    torch.manual_seed(0)
+    inplace = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), batchnorm.InPlaceABN(4)).eval()
+    out_of_place = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), batchnorm.BatchNormAct(4, activation="leaky_relu", activation_param=0.01)
+    ).eval()
+    out_of_place.load_state_dict(inplace.state_dict())
+    with torch.no_grad():
+        for model in (inplace, out_of_place):
+            model[1].running_mean.fill_(0.3)
+            model[1].running_var.fill_(2.0)
+    x = torch.randn(4, 3, 6, 6)
+    assert bn_statistics_distance(inplace, x) == pytest.approx(bn_statistics_distance(out_of_place, x), rel=1e-6)

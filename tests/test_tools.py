@@ -332,3 +332,33 @@ def test_from_torch_and_back_keep_bias_false() -> None:
     torch.testing.assert_close(converted(x), model(x))
     back = batchnorm.to_torch(converted)
     assert type(back[0]) is torch.nn.BatchNorm2d and back[0].bias is None
+
+
+FUSED_BLOCKS = {
+    "batch_norm_act_relu": lambda: batchnorm.BatchNormAct(4, activation="relu"),
+    "batch_norm_act_silu": lambda: batchnorm.BatchNormAct(4, activation="silu"),
+    "inplace_abn_elu": lambda: batchnorm.InPlaceABN(4, activation="elu", activation_param=0.5),
+}
+
+
+def _trained_block(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), FUSED_BLOCKS[name]())
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 2.0)
+        model[1].bias.uniform_(-1.0, 1.0)
+    model(torch.randn(8, 3, 6, 6) * 2 + 1)  # running statistics away from 0 and 1
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", list(FUSED_BLOCKS))
+def test_fold_and_freeze_keep_the_activation_of_fused_blocks(name: str) -> None:
+    model = _trained_block(name)
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x.clone())
+    folded, frozen = fold(model), freeze(model)
+    assert not isinstance(folded[1], nn.Identity) and isinstance(frozen[1], batchnorm.FrozenBatchNormAct)
+    torch.testing.assert_close(folded(x.clone()), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(frozen(x.clone()), expected)
+    frozen.train()
+    torch.testing.assert_close(frozen(x.clone()), expected)

@@ -9,7 +9,7 @@ Example:
 """
 
 from . import functional
-from .activation import BatchNormAct, BatchNormAct2d, InPlaceABN
+from .activation import BatchNormAct, BatchNormAct2d, FrozenBatchNormAct, InPlaceABN
 from .backends import get_backend, set_backend, using_backend
 from .conv import ConvBatchNorm1d, ConvBatchNorm2d, ConvBatchNorm3d
 from .flows import BatchNormFlow
@@ -43,6 +43,7 @@ __all__ = [
     "ConvBatchNorm2d",
     "ConvBatchNorm3d",
     "FrozenBatchNorm",
+    "FrozenBatchNormAct",
     "GhostBatchNorm",
     "InPlaceABN",
     "InversionResult",

@@ -49,12 +49,14 @@ from ._autograd import (
     without_jvp,
 )
 from .modules import _BatchNormBase, fx_leaf_call
+from .variants import FrozenBatchNorm
 
 __all__ = [
     "ACTIVATIONS",
     "INVERTIBLE_ACTIVATIONS",
     "BatchNormAct",
     "BatchNormAct2d",
+    "FrozenBatchNormAct",
     "InPlaceABN",
     "batch_norm_act",
     "inplace_abn",
@@ -118,6 +120,18 @@ class Activation:
         if self.name == "silu":
             return torch.nn.functional.silu(y, inplace=True)
         return y
+
+    def module(self) -> nn.Module:
+        """f as a torch module: what remains of a fused block once its batch norm is folded away."""
+        if self.name == "relu":
+            return nn.ReLU()
+        if self.name == "leaky_relu":
+            return nn.LeakyReLU(self.param)
+        if self.name == "elu":
+            return nn.ELU(self.param)
+        if self.name == "silu":
+            return nn.SiLU()
+        return nn.Identity()
 
     @property
     def output_determines_grad(self) -> bool:
@@ -624,6 +638,10 @@ class _ActivatedBatchNorm(_BatchNormBase):
 
     _activation: Activation
 
+    def activation_module(self) -> nn.Module:
+        """The activation as a torch module (``nn.ReLU()``, ``nn.LeakyReLU(0.01)``, ...)."""
+        return self._activation.module()
+
     @property
     def activation(self) -> str:
         return self._activation.name
@@ -820,3 +838,49 @@ class InPlaceABN(_ActivatedBatchNorm):
         normalizer = partial(_apply_inplace_abn, activation=self._activation, min_abs_weight=self.min_abs_weight)
         output, _, _ = self._batch_norm(input, normalizer)
         return output
+
+
+class FrozenBatchNormAct(FrozenBatchNorm):
+    r""":class:`batchnorm.FrozenBatchNorm` followed by an activation: what :func:`batchnorm.freeze`
+    turns :class:`BatchNormAct` and :class:`InPlaceABN` into (their eval-mode map, fixed).
+
+    Args:
+        num_features, eps: as :class:`batchnorm.FrozenBatchNorm`.
+        activation, activation_param: as :class:`BatchNormAct` (keyword-only).
+
+    Example:
+        >>> import torch, batchnorm
+        >>> block = batchnorm.BatchNormAct(3, activation="silu").eval()
+        >>> frozen = batchnorm.freeze(torch.nn.Sequential(block))[0]
+        >>> x = torch.randn(2, 3, 4)
+        >>> type(frozen).__name__, torch.allclose(frozen(x), block(x))
+        ('FrozenBatchNormAct', True)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        activation: str = "relu",
+        activation_param: float | None = None,
+    ) -> None:
+        act = Activation.make(activation, activation_param, type(self).__name__)
+        super().__init__(num_features, eps, device, dtype)
+        self._activation = act
+
+    @property
+    def activation(self) -> str:
+        return self._activation.name
+
+    @property
+    def activation_param(self) -> float | None:
+        return self._activation.param if self._activation.name in _PARAM_DEFAULTS else None
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self._activation}"
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._activation.apply_(super().forward(input))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backends
+from .activation import InPlaceABN
 from .modules import _BatchNormBase
 
 __all__ = ["InversionResult", "bn_statistics_distance", "invert"]
@@ -60,14 +61,18 @@ def _bn_layers(model: nn.Module) -> list[nn.Module]:
 
 
 class _StatisticsPrior:
-    """Forward hooks that add up the DeepInversion distance of every batch-norm layer's input."""
+    """Forward pre-hooks that add up the DeepInversion distance of every batch-norm layer's input."""
 
     def __init__(self, layers: list[nn.Module]) -> None:
         self.terms: list[Tensor] = []
-        self._handles = [layer.register_forward_hook(self._hook) for layer in layers]
+        # Before the layer runs: an in-place layer (InPlaceABN) overwrites its input.
+        self._handles = [layer.register_forward_pre_hook(self._hook) for layer in layers]
 
-    def _hook(self, module: nn.Module, inputs: tuple[Any, ...], _output: Any) -> None:
-        mean, var = backends.batch_stats(inputs[0])  # (N, C, *) -> (C,), (C,), differentiable
+    def _hook(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        input = inputs[0]
+        if isinstance(module, InPlaceABN):
+            input = input.clone()  # what var_mean saves for backward must outlive the overwrite
+        mean, var = backends.batch_stats(input)  # (N, C, *) -> (C,), (C,), differentiable
         running_mean, running_var = module.running_mean, module.running_var
         assert isinstance(running_mean, Tensor) and isinstance(running_var, Tensor)
         self.terms.append(

@@ -26,7 +26,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from . import modules as M
 from ._convert import check_materialized, describe, is_batch_norm, rebuild, swap_modules
-from .activation import BatchNormAct, BatchNormAct2d
+from .activation import BatchNormAct, BatchNormAct2d, FrozenBatchNormAct, _ActivatedBatchNorm
 from .sync import SyncBatchNorm
 from .variants import FrozenBatchNorm
 
@@ -175,7 +175,8 @@ def fold(model: nn.Module) -> nn.Module:
     ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` or ``Linear``; the batch norm is torch's or ours
     (or a FrozenBatchNorm), has running statistics, and normalizes the layer's output channels.
     The layer becomes :func:`fold_conv_bn` / :func:`fold_linear_bn` of the pair and the batch
-    norm becomes ``nn.Identity``, so the module names stay. Batch norms that follow anything
+    norm becomes ``nn.Identity`` (a :class:`BatchNormAct` or :class:`InPlaceABN` becomes its
+    activation, e.g. ``nn.ReLU``), so the module names stay. Batch norms that follow anything
     else are kept. ``model`` itself does not change.
 
     Raises:
@@ -212,7 +213,10 @@ def fold(model: nn.Module) -> nn.Module:
             if layer is not None and bn is not None and _foldable(layer, bn):
                 fold_pair = fold_linear_bn if isinstance(layer, nn.Linear) else fold_conv_bn
                 container._modules[first] = fold_pair(layer, bn)
-                container._modules[second] = nn.Identity()
+                # A fused block keeps its activation; a plain batch norm vanishes.
+                container._modules[second] = (
+                    bn.activation_module() if isinstance(bn, _ActivatedBatchNorm) else nn.Identity()
+                )
     return folded
 
 
@@ -486,7 +490,8 @@ def to_torch(model: nn.Module) -> nn.Module:
 
 
 def freeze(model: nn.Module) -> nn.Module:
-    """A new model with every batch norm (torch's and ours) replaced by a :class:`FrozenBatchNorm`.
+    """A new model with every batch norm (torch's and ours) replaced by a :class:`FrozenBatchNorm`
+    (a :class:`FrozenBatchNormAct` for :class:`BatchNormAct` and :class:`InPlaceABN`).
 
     Each frozen layer computes what the batch norm computes in eval mode, whatever the model's
     mode; its weight and bias become buffers, so they no longer train. ``model`` does not change.
@@ -509,9 +514,18 @@ def freeze(model: nn.Module) -> nn.Module:
                 f"freeze: expected every batch norm to have running statistics, got {describe(module, path)} "
                 f"without (track_running_stats=False)"
             )
-        frozen = FrozenBatchNorm(
-            module.num_features, module.eps, device=module.running_mean.device, dtype=module.running_mean.dtype
-        )
+        factory = {"device": module.running_mean.device, "dtype": module.running_mean.dtype}
+        frozen: FrozenBatchNorm
+        if isinstance(module, _ActivatedBatchNorm):
+            frozen = FrozenBatchNormAct(
+                module.num_features,
+                module.eps,
+                **factory,
+                activation=module.activation,
+                activation_param=module.activation_param,
+            )
+        else:
+            frozen = FrozenBatchNorm(module.num_features, module.eps, **factory)
         frozen.running_mean = module.running_mean.detach().clone()
         frozen.running_var = module.running_var.detach().clone()
         if module.weight is not None:
