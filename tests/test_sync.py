@@ -138,12 +138,42 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 bn(torch.randn(1 - rank, 2))
             except ValueError as error:
                 results["error"] = (str(error), bn.running_mean.clone(), int(bn.num_batches_tracked))
+        # Fused modules converted: the whole four-rank batch, as the unconverted model on one process.
+        fused = SyncBatchNorm.convert_sync_batchnorm(fused_model())
+        x, dy = fused_data()
+        rows = _rows(FUSED_SIZES, rank)
+        leaf = x[rows].clone().requires_grad_(True)
+        y = fused(leaf)
+        (y * dy[rows]).sum().backward()
+        results["fused"] = (y.detach(), leaf.grad, [type(m).__name__ for m in fused])
         # Each half normalizes over its own two ranks only, on data that differs between halves.
         bn = SyncBatchNorm(2, process_group=halves[rank // 2])
         results["subgroup"] = bn(torch.arange(8.0).view(4, 2) * (rank + 1)).detach()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+FUSED_SIZES = (3, 2, 4, 3)
+
+
+def fused_model() -> nn.Module:
+    """Convolution + batch norm, batch norm + activation and in-place activated batch norm."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        batchnorm.ConvBatchNorm2d(2, 3, 3, padding=1, dtype=torch.float64),
+        batchnorm.BatchNormAct(3, activation="silu", dtype=torch.float64),
+        nn.Conv2d(3, 3, 1, dtype=torch.float64),
+        batchnorm.InPlaceABN(3, activation="leaky_relu", activation_param=0.1, dtype=torch.float64),
+    )
+
+
+def fused_data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    shape = (sum(FUSED_SIZES), 2, 4, 4)
+    return torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1, torch.randn(
+        (sum(FUSED_SIZES), 3, 4, 4), generator=gen, dtype=torch.float64
+    )
 
 
 def spawn(world: int, tmp: Path) -> list[dict[str, Any]]:
@@ -342,3 +372,18 @@ def _import_example() -> Any:
     finally:
         sys.path.pop(0)
     return ddp_train
+
+
+def test_converted_fused_modules_synchronize_over_the_group(ranks: list[dict[str, Any]]) -> None:
+    """ConvBatchNorm2d, BatchNormAct and InPlaceABN after convert_sync_batchnorm, on four ranks with
+    uneven batches, equal the unconverted model on the concatenated batch."""
+    x, dy = fused_data()
+    model = fused_model()
+    leaf = x.clone().requires_grad_(True)
+    expected = model(leaf)
+    (expected * dy).sum().backward()
+    assert ranks[0]["fused"][2] == ["ConvBatchNorm2d", "SyncBatchNormAct", "Conv2d", "SyncBatchNormAct"]
+    got = torch.cat([ranks[rank]["fused"][0] for rank in range(4)])
+    grad = torch.cat([ranks[rank]["fused"][1] for rank in range(4)])
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, leaf.grad, rtol=1e-10, atol=1e-10)

@@ -9,7 +9,7 @@ Example:
 """
 
 from . import functional
-from .activation import BatchNormAct, BatchNormAct2d, FrozenBatchNormAct, InPlaceABN
+from .activation import BatchNormAct, BatchNormAct2d, FrozenBatchNormAct, InPlaceABN, SyncBatchNormAct
 from .backends import get_backend, set_backend, using_backend
 from .conv import ConvBatchNorm1d, ConvBatchNorm2d, ConvBatchNorm3d
 from .flows import BatchNormFlow
@@ -52,6 +52,7 @@ __all__ = [
     "LazyBatchNorm3d",
     "NonInvertibleError",
     "SyncBatchNorm",
+    "SyncBatchNormAct",
     "__version__",
     "fold",
     "fold_conv_bn",

@@ -49,6 +49,7 @@ from ._autograd import (
     without_jvp,
 )
 from .modules import _BatchNormBase, fx_leaf_call
+from .sync import SyncBatchNorm
 from .variants import FrozenBatchNorm
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "BatchNormAct2d",
     "FrozenBatchNormAct",
     "InPlaceABN",
+    "SyncBatchNormAct",
     "batch_norm_act",
     "inplace_abn",
 ]
@@ -838,6 +840,70 @@ class InPlaceABN(_ActivatedBatchNorm):
         normalizer = partial(_apply_inplace_abn, activation=self._activation, min_abs_weight=self.min_abs_weight)
         output, _, _ = self._batch_norm(input, normalizer)
         return output
+
+
+class SyncBatchNormAct(SyncBatchNorm, _ActivatedBatchNorm):
+    r""":class:`batchnorm.SyncBatchNorm` followed by an activation: what
+    ``SyncBatchNorm.convert_sync_batchnorm`` turns :class:`BatchNormAct` and :class:`InPlaceABN`
+    into. Without an initialized process group (or with one rank, or in eval) it is
+    :class:`BatchNormAct`, one fused autograd node; across ranks the synchronized batch norm runs
+    first and the activation after it.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, process_group, bias,
+            skip_nonfinite: as :class:`batchnorm.SyncBatchNorm`.
+        activation, activation_param: as :class:`BatchNormAct` (keyword-only).
+
+    Example:
+        >>> import torch, batchnorm
+        >>> block = batchnorm.SyncBatchNormAct(4, activation="relu")  # no process group: local
+        >>> x = torch.randn(8, 4, 3)
+        >>> torch.equal(block(x), batchnorm.BatchNormAct(4, activation="relu")(x))
+        True
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        activation: str = "relu",
+        activation_param: float | None = None,
+        bias: bool = True,
+        skip_nonfinite: bool = True,
+    ) -> None:
+        act = Activation.make(activation, activation_param, type(self).__name__)
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            process_group,
+            device,
+            dtype,
+            bias=bias,
+            skip_nonfinite=skip_nonfinite,
+        )
+        self._activation = act
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self._activation}"
+
+    def forward(self, input: Tensor) -> Tensor:
+        traced = fx_leaf_call(self, input)
+        if traced is not None:
+            return traced  # type: ignore[no-any-return]
+        if not self.training or self._world_size() == 1:
+            output, _, _ = self._batch_norm(input, partial(_apply_batch_norm_act, activation=self._activation))
+            return output
+        return self._activation.apply_(super().forward(input))
 
 
 class FrozenBatchNormAct(FrozenBatchNorm):

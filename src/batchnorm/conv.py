@@ -40,6 +40,7 @@ from ._autograd import (
     without_jvp,
 )
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase, fx_leaf_call
+from .sync import SyncBatchNorm
 
 __all__ = ["ConvBatchNorm1d", "ConvBatchNorm2d", "ConvBatchNorm3d"]
 
@@ -315,6 +316,10 @@ class _ConvBatchNormNd(nn.Module):
             return traced  # type: ignore[no-any-return]
         self._check_input(input)
         conv = self.conv
+        if self.training and isinstance(self.bn, SyncBatchNorm) and self.bn._world_size() > 1:
+            # Converted by SyncBatchNorm.convert_sync_batchnorm: statistics over the whole group,
+            # unfused (the convolution's output is kept for backward, as in an unfused pair).
+            return self.bn(self.geometry.conv(input, conv.weight, conv.bias))  # type: ignore[no-any-return]
         with torch.no_grad():
             # c = conv(x) without a graph: batch norm consumes it, backward recomputes it.
             conv_output = self.geometry.conv(input, conv.weight, conv.bias)

@@ -269,9 +269,12 @@ class SyncBatchNorm(BatchNorm):
 
         As torch's ``convert_sync_batchnorm``: children are replaced in place and the (possibly
         new) root is returned; the new layers share the old ones' parameters and buffers and keep
-        their mode, device and dtype. The batch-norm variants (ghost, renorm, frozen) and existing
-        :class:`SyncBatchNorm` layers are left alone. Nothing changes when it raises (a lazy
-        batch norm that has not seen an input, a torch batch norm built with ``bias=False``).
+        their mode, device and dtype. :class:`batchnorm.BatchNormAct` and
+        :class:`batchnorm.InPlaceABN` become :class:`batchnorm.SyncBatchNormAct` (the same
+        activation; not in place), and the batch norm inside ``ConvBatchNorm*d`` becomes a
+        :class:`SyncBatchNorm`, which that module then runs over the group. The batch-norm
+        variants (ghost, renorm, frozen) and existing :class:`SyncBatchNorm` layers are left alone.
+        Nothing changes when it raises (a lazy batch norm that has not seen an input).
 
         Example:
             >>> import torch, batchnorm
@@ -284,11 +287,17 @@ class SyncBatchNorm(BatchNorm):
 
         ours = (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d)
 
+        from .activation import SyncBatchNormAct, _ActivatedBatchNorm
+
         def convert(child: nn.Module, path: str) -> nn.Module | None:
             # torch's batch norms (its SyncBatchNorm included) and our plain ones; not the variants.
             torch_own = isinstance(child, _BatchNorm) and not isinstance(child, _BatchNormBase)
             if torch_own or type(child) in ours or isinstance(child, _LazyBatchNormBase):
                 return rebuild(child, cls, path, process_group=process_group)
+            if isinstance(child, _ActivatedBatchNorm) and not isinstance(child, SyncBatchNorm):
+                # BatchNormAct and InPlaceABN: the same batch norm and activation, synchronized.
+                activation = {"activation": child.activation, "activation_param": child.activation_param}
+                return rebuild(child, SyncBatchNormAct, path, process_group=process_group, **activation)
             return None
 
         return swap_modules(module, convert)
