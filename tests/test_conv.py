@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 import batchnorm
+from batchnorm.inversion import bn_statistics_distance
 from batchnorm.bench import saved_bytes
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}
@@ -206,3 +207,36 @@ def test_conv_batch_norm_under_autocast_matches_the_unfused_pair() -> None:
     torch.testing.assert_close(outputs[0], outputs[1], rtol=2e-2, atol=2e-2)
     for ours, theirs in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(ours, theirs, rtol=5e-2, atol=5e-2)
+
+
+def _trained_conv_block() -> tuple[batchnorm.ConvBatchNorm2d, torch.nn.Sequential]:
+    """A ConvBatchNorm2d and the equal unfused pair, after a few training steps."""
+    torch.manual_seed(0)
+    fused = batchnorm.ConvBatchNorm2d(3, 4, 3, padding=1, dtype=torch.float64)
+    with torch.no_grad():
+        fused.bn.weight.uniform_(0.5, 2.0)
+        fused.bn.bias.uniform_(-1.0, 1.0)
+    unfused = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1, bias=False, dtype=torch.float64),
+        torch.nn.BatchNorm2d(4, dtype=torch.float64),
+    )
+    unfused[0].load_state_dict(fused.conv.state_dict())
+    unfused[1].load_state_dict(fused.bn.state_dict())
+    for step in range(3):
+        x = torch.randn(6, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(step)) * 2 + 1
+        fused(x), unfused(x)
+    return fused, unfused
+
+
+def test_tools_see_the_batch_norm_inside_conv_batch_norm() -> None:
+    fused, unfused = _trained_conv_block()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    fused.eval(), unfused.eval()
+    torch.testing.assert_close(batchnorm.freeze(fused)(x), unfused(x))
+    torch.testing.assert_close(batchnorm.to_torch(fused)(x), unfused(x))
+    batches = [torch.randn(8, 3, 5, 5, dtype=torch.float64) * 3 for _ in range(3)]
+    batchnorm.recalibrate(fused, batches)
+    batchnorm.recalibrate(unfused, batches)
+    torch.testing.assert_close(fused.bn.running_var, unfused[1].running_var)
+    torch.testing.assert_close(fused(x), unfused(x))
+    assert bn_statistics_distance(fused, x) == pytest.approx(bn_statistics_distance(unfused, x), rel=1e-9)

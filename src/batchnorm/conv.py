@@ -310,15 +310,25 @@ class _ConvBatchNormNd(nn.Module):
         if input.dtype != self.conv.weight.dtype:
             raise TypeError(f"{who}: expected input of dtype {self.conv.weight.dtype}, got {input.dtype}")
 
+    def _fused(self) -> bool:
+        """The batch norm is this module's own class, unhooked (and, synchronized, on one rank)."""
+        bn: nn.Module = self.bn
+        if bn._forward_pre_hooks or bn._forward_hooks:
+            return False
+        if isinstance(bn, SyncBatchNorm):
+            return not (bn.training and bn._world_size() > 1)
+        return type(bn) is self._bn_class
+
     def forward(self, input: Tensor) -> Tensor:
         traced = fx_leaf_call(self, input)
         if traced is not None:
             return traced  # type: ignore[no-any-return]
         self._check_input(input)
         conv = self.conv
-        if self.training and isinstance(self.bn, SyncBatchNorm) and self.bn._world_size() > 1:
-            # Converted by SyncBatchNorm.convert_sync_batchnorm: statistics over the whole group,
-            # unfused (the convolution's output is kept for backward, as in an unfused pair).
+        if not self._fused():
+            # The batch norm was swapped by a tool (freeze, to_torch, convert_sync_batchnorm) or is
+            # hooked (recalibrate, invert's prior): the unfused pair, so that it runs as what it is
+            # and its hooks see its input. The convolution's output is then kept for backward.
             return self.bn(self.geometry.conv(input, conv.weight, conv.bias))  # type: ignore[no-any-return]
         with torch.no_grad():
             # c = conv(x) without a graph: batch norm consumes it, backward recomputes it.
