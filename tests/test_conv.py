@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 import batchnorm
-from batchnorm.inversion import bn_statistics_distance
 from batchnorm.bench import saved_bytes
+from batchnorm.inversion import bn_statistics_distance
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 
