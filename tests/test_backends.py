@@ -79,6 +79,20 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch: pytes
         torch.testing.assert_close(y, nn.functional.batch_norm(x, None, None, training=True))
 
 
+def test_a_compiler_that_fails_while_building_falls_back_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refusing_compile(fn: object, **kwargs: object) -> object:
+        raise RuntimeError("torch.compile is not supported on this platform")
+
+    monkeypatch.setattr(torch, "compile", refusing_compile)
+    monkeypatch.setattr(backends, "_COMPILED", backends._CompiledKernels())
+    x = torch.randn(6, 3)
+    with batchnorm.using_backend("compiled"), pytest.warns(RuntimeWarning, match="falling back to 'eager'") as record:
+        ys = [batchnorm.functional.batch_norm(x, None, None, training=True) for _ in range(2)]
+    assert len(record) == 1
+    for y in ys:
+        torch.testing.assert_close(y, nn.functional.batch_norm(x, None, None, training=True))
+
+
 BACKEND_CASES = [case for case in CASES if case.name in ("2d-default", "1d_2D-momentum_none", "2d-channels_last")]
 
 

@@ -439,12 +439,14 @@ class _CompiledKernels:
             return eager(*args)
         # The input is the first tensor of a forward kernel, the second (after dy) of a backward.
         x = args[0] if kernel.startswith("forward") else args[1]
-        compiled = self._kernel(kernel, x)
         detached = [arg.detach() if isinstance(arg, Tensor) else arg for arg in args]
-        for arg in detached:
-            if isinstance(arg, Tensor) and arg.dim() >= 2:
-                torch._dynamo.maybe_mark_dynamic(arg, 0)
         try:
+            # Building the compiled kernel fails on some platforms too (or warns, which
+            # `python -W error` turns into an error): inside the guard, like running it.
+            compiled = self._kernel(kernel, x)
+            for arg in detached:
+                if isinstance(arg, Tensor) and arg.dim() >= 2:
+                    torch._dynamo.maybe_mark_dynamic(arg, 0)
             # Grad mode is part of a compiled graph's guards; the kernels never need autograd.
             with torch.no_grad():
                 return compiled(*detached)
