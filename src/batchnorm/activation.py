@@ -635,8 +635,8 @@ def inplace_abn(
 # ---------------------------------------------------------------------------------------------
 
 
-class _ActivatedBatchNorm(_BatchNormBase):
-    """A batch norm followed by an activation: the activation's public name and parameter."""
+class _WithActivation:
+    """A module followed by an activation: the activation's public name, parameter and module."""
 
     _activation: Activation
 
@@ -651,6 +651,10 @@ class _ActivatedBatchNorm(_BatchNormBase):
     @property
     def activation_param(self) -> float | None:
         return self._activation.param if self._activation.name in _PARAM_DEFAULTS else None
+
+
+class _ActivatedBatchNorm(_WithActivation, _BatchNormBase):
+    """A batch norm followed by an activation."""
 
 
 class BatchNormAct(_ActivatedBatchNorm):
@@ -906,7 +910,7 @@ class SyncBatchNormAct(SyncBatchNorm, _ActivatedBatchNorm):
         return self._activation.apply_(super().forward(input))
 
 
-class FrozenBatchNormAct(FrozenBatchNorm):
+class FrozenBatchNormAct(_WithActivation, FrozenBatchNorm):
     r""":class:`batchnorm.FrozenBatchNorm` followed by an activation: what :func:`batchnorm.freeze`
     turns :class:`BatchNormAct` and :class:`InPlaceABN` into (their eval-mode map, fixed).
 
@@ -936,14 +940,6 @@ class FrozenBatchNormAct(FrozenBatchNorm):
         act = Activation.make(activation, activation_param, type(self).__name__)
         super().__init__(num_features, eps, device, dtype)
         self._activation = act
-
-    @property
-    def activation(self) -> str:
-        return self._activation.name
-
-    @property
-    def activation_param(self) -> float | None:
-        return self._activation.param if self._activation.name in _PARAM_DEFAULTS else None
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self._activation}"
