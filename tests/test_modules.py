@@ -486,10 +486,14 @@ def test_torch_compile_conv_bn_relu_matches_torch() -> None:
         return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), bn_cls(4), nn.ReLU())
 
     ours, theirs = model(batchnorm.BatchNorm2d), model(nn.BatchNorm2d)
-    compiled = torch.compile(ours)
+    compiled = torch.compile(ours, fullgraph=True)  # a graph break is an error
     for step in range(3):
         x = torch.randn(4, 2, 6, 6, generator=torch.Generator().manual_seed(step))
-        torch.testing.assert_close(compiled(x), theirs(x))
+        y_ours, y_theirs = compiled(x), theirs(x)
+        torch.testing.assert_close(y_ours, y_theirs)
+        y_ours.square().sum().backward()
+        y_theirs.square().sum().backward()
+    torch.testing.assert_close(ours[0].weight.grad, theirs[0].weight.grad)
     assert_state_equal(ours, theirs)
     ours.eval()
     theirs.eval()
