@@ -493,7 +493,9 @@ def test_torch_compile_conv_bn_relu_matches_torch() -> None:
         torch.testing.assert_close(y_ours, y_theirs)
         y_ours.square().sum().backward()
         y_theirs.square().sum().backward()
-    torch.testing.assert_close(ours[0].weight.grad, theirs[0].weight.grad)
+    # Gradients of size ~50 summed over three steps: torch's own compiled and eager runs differ
+    # by 2e-4 here (another reduction order), so the comparison allows that much.
+    torch.testing.assert_close(ours[0].weight.grad, theirs[0].weight.grad, rtol=1e-4, atol=1e-3)
     assert_state_equal(ours, theirs)
     ours.eval()
     theirs.eval()
