@@ -48,6 +48,7 @@ from ._autograd import (
     parameter_dtype,
     without_jvp,
 )
+from ._masked import apply_masked_batch_norm
 from .modules import _BatchNormBase, fx_leaf_call
 
 __all__ = [
@@ -702,11 +703,20 @@ class BatchNormAct(_ActivatedBatchNorm):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self._activation}"
 
-    def forward(self, input: Tensor) -> Tensor:
-        traced = fx_leaf_call(self, input)
+    def forward(self, input: Tensor, *, mask: Tensor | None = None, lengths: Tensor | None = None) -> Tensor:
+        traced = fx_leaf_call(self, input, mask=mask, lengths=lengths)
         if traced is not None:
             return traced  # type: ignore[no-any-return]
-        output, _, _ = self._batch_norm(input, partial(_apply_batch_norm_act, activation=self._activation))
+        output, _, _ = self._batch_norm(
+            input,
+            partial(_apply_batch_norm_act, activation=self._activation),
+            mask=mask,
+            lengths=lengths,
+            # Masked: masked batch norm, then the activation (padded positions stay 0).
+            masked_normalizer=lambda valid: partial(
+                apply_masked_batch_norm, mask=valid, activation=self._activation.apply_
+            ),
+        )
         return output
 
 
@@ -811,7 +821,13 @@ class InPlaceABN(_ActivatedBatchNorm):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self._activation}, min_abs_weight={self.min_abs_weight:g}"
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, *, mask: Tensor | None = None, lengths: Tensor | None = None) -> Tensor:
+        if mask is not None or lengths is not None:
+            # In place, the padding would be overwritten with values the caller may still need.
+            raise ValueError(
+                f"{self._describe()}: expected no mask or lengths (in-place activated batch norm has no masked "
+                f"form; use BatchNormAct), got {'mask' if mask is not None else 'lengths'}"
+            )
         traced = fx_leaf_call(self, input)
         if traced is not None:
             return traced  # type: ignore[no-any-return]
