@@ -23,6 +23,15 @@ def test_bench_shape_reports_consistent_figures() -> None:
     assert row.peak_mb is None and "n/a (CPU)" in bench.format_table([row])  # torch counts peaks on CUDA only
 
 
+def test_bench_masked_row_runs_ours_masked() -> None:
+    """The masked row times ours with a mask against torch without one, on the same shape."""
+    assert any(spec.masked for spec in bench.SHAPES)
+    row = bench.bench_shape(
+        bench.Shape("masked", (4, 3, 16), masked=True), "eager", torch.device("cpu"), torch.float32, 2, 1
+    )
+    assert row.train_backward_ms > 0 and row.torch_train_backward_ms > 0
+
+
 def test_interleaved_medians_takes_the_median() -> None:
     calls: list[str] = []
     medians = bench.interleaved_medians(

@@ -288,7 +288,7 @@ def quick_reports(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict,
 
 EXPECTED_FIGURES = [
     "paper_mlp", "paper_mlp_percentiles", "lr_sweep", "landscape", "lenet_curves", "running_stats",
-    "twenty_points", "small_batch", "fold_speedup", "inversion", "flow",
+    "twenty_points", "small_batch", "fold_speedup", "inversion", "flow", "masked",
 ]  # fmt: skip
 
 

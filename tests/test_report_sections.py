@@ -14,7 +14,16 @@ import pytest
 import torch
 
 import batchnorm
-from batchnorm.experiments import inversion_demo, landscape, lenet, lr_sweep, paper, running_stats, tools_demo
+from batchnorm.experiments import (
+    inversion_demo,
+    landscape,
+    lenet,
+    lr_sweep,
+    masked_demo,
+    paper,
+    running_stats,
+    tools_demo,
+)
 from batchnorm.experiments.data import synthetic_digits
 from batchnorm.experiments.lenet import lenet_runs
 from batchnorm.experiments.report import Context, Section, write_report
@@ -163,3 +172,30 @@ def test_landscape_measure_matches_a_direct_computation() -> None:
     assert measured["gradient_change"] == pytest.approx(max(changes), rel=1e-5)
     assert measured["beta_smoothness"] == pytest.approx(max(smoothness), rel=1e-5)
     assert torch.equal(model.weight, weight) and torch.equal(model.bias, bias)  # measured on a copy
+
+
+def test_masked_section(ctx: Context, tmp_path: Path) -> None:
+    """Both variants at every padding level over the seeds; the masked net's batch norms ignore the
+    padding, so a sample's training-mode output with full-length neighbours is where the drift is 0."""
+    section = masked_demo.section(ctx)
+    assert_written(section, ["masked"], tmp_path)
+    summary = section.summary
+    levels = len(masked_demo.LOWEST_LENGTHS)
+    assert summary["padding"][0] == 0.0 and summary["padding"] == sorted(summary["padding"])
+    for name in ("plain", "masked"):
+        assert len(summary[name]["accuracy"]) == levels
+        for value in summary[name]["accuracy"]:
+            assert_accuracy(value, seeds=len(ctx.seeds))
+        assert summary["neighbour_drift"][name][-1] == 0.0
+    # Without padding the two networks are the same computation: same accuracy.
+    assert summary["plain"]["accuracy"][0] == pytest.approx(summary["masked"]["accuracy"][0])
+
+
+def test_masked_net_ignores_the_padding() -> None:
+    """The masked network's output does not depend on what the padding holds (NaN there included)."""
+    torch.manual_seed(0)
+    net = masked_demo.MaskedConvNet(masked=True)
+    x = torch.randn(6, 28, 28)
+    mask = torch.arange(28) < torch.tensor([28, 5, 12, 20, 2, 9]).view(-1, 1)
+    filled = torch.where(mask.unsqueeze(1), x, float("nan"))
+    assert torch.equal(net(x, mask), net(filled, mask))

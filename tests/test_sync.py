@@ -178,8 +178,14 @@ def fused_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def spawn(world: int, tmp: Path) -> list[dict[str, Any]]:
     """Run _worker on ``world`` gloo ranks; every rank and the whole run have a deadline."""
+    return spawn_worker(_worker, world, tmp)
+
+
+def spawn_worker(worker: Any, world: int, tmp: Path) -> list[dict[str, Any]]:
+    """Run ``worker(rank, world, init_file, out_dir)`` on ``world`` gloo ranks, each saving
+    ``rank{rank}.pt`` in ``tmp``; every rank and the whole run have a deadline."""
     context = mp.start_processes(
-        _worker, args=(world, str(tmp / "init"), str(tmp)), nprocs=world, join=False, start_method="spawn"
+        worker, args=(world, str(tmp / "init"), str(tmp)), nprocs=world, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):

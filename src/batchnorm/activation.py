@@ -48,6 +48,7 @@ from ._autograd import (
     parameter_dtype,
     without_jvp,
 )
+from ._masked import apply_masked_batch_norm
 from .modules import _BatchNormBase, fx_leaf_call
 from .sync import SyncBatchNorm
 from .variants import FrozenBatchNorm
@@ -635,6 +636,21 @@ def inplace_abn(
 # ---------------------------------------------------------------------------------------------
 
 
+def _activated_forward(
+    module: _BatchNormBase, activation: Activation, input: Tensor, mask: Tensor | None, lengths: Tensor | None
+) -> Tensor:
+    """f(BN(x)) as one autograd node, through the module's batch-norm forward."""
+    output, _, _ = module._batch_norm(
+        input,
+        partial(_apply_batch_norm_act, activation=activation),
+        mask=mask,
+        lengths=lengths,
+        # Masked: masked batch norm, then the activation (padded positions stay 0: f(0) = 0).
+        masked_normalizer=lambda valid: partial(apply_masked_batch_norm, mask=valid, activation=activation.apply_),
+    )
+    return output
+
+
 class _WithActivation:
     """A module followed by an activation: the activation's public name, parameter and module."""
 
@@ -726,12 +742,11 @@ class BatchNormAct(_ActivatedBatchNorm):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self._activation}"
 
-    def forward(self, input: Tensor) -> Tensor:
-        traced = fx_leaf_call(self, input)
+    def forward(self, input: Tensor, *, mask: Tensor | None = None, lengths: Tensor | None = None) -> Tensor:
+        traced = fx_leaf_call(self, input, mask=mask, lengths=lengths)
         if traced is not None:
             return traced  # type: ignore[no-any-return]
-        output, _, _ = self._batch_norm(input, partial(_apply_batch_norm_act, activation=self._activation))
-        return output
+        return _activated_forward(self, self._activation, input, mask, lengths)
 
 
 class BatchNormAct2d(BatchNormAct, nn.BatchNorm2d):
@@ -835,7 +850,13 @@ class InPlaceABN(_ActivatedBatchNorm):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self._activation}, min_abs_weight={self.min_abs_weight:g}"
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, *, mask: Tensor | None = None, lengths: Tensor | None = None) -> Tensor:
+        if mask is not None or lengths is not None:
+            # In place, the padding would be overwritten with values the caller may still need.
+            raise ValueError(
+                f"{self._describe()}: expected no mask or lengths (in-place activated batch norm has no masked "
+                f"form; use BatchNormAct), got {'mask' if mask is not None else 'lengths'}"
+            )
         traced = fx_leaf_call(self, input)
         if traced is not None:
             return traced  # type: ignore[no-any-return]
@@ -900,14 +921,14 @@ class SyncBatchNormAct(SyncBatchNorm, _ActivatedBatchNorm):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self._activation}"
 
-    def forward(self, input: Tensor) -> Tensor:
-        traced = fx_leaf_call(self, input)
+    def forward(self, input: Tensor, *, mask: Tensor | None = None, lengths: Tensor | None = None) -> Tensor:
+        traced = fx_leaf_call(self, input, mask=mask, lengths=lengths)
         if traced is not None:
             return traced  # type: ignore[no-any-return]
         if not self.training or self._world_size() == 1:
-            output, _, _ = self._batch_norm(input, partial(_apply_batch_norm_act, activation=self._activation))
-            return output
-        return self._activation.apply_(super().forward(input))
+            return _activated_forward(self, self._activation, input, mask, lengths)
+        # Padded positions stay 0 through the activation: f(0) = 0 for every activation here.
+        return self._activation.apply_(super().forward(input, mask=mask, lengths=lengths))
 
 
 class FrozenBatchNormAct(_WithActivation, FrozenBatchNorm):

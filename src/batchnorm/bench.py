@@ -30,6 +30,9 @@ class Shape:
     name: str
     shape: tuple[int, ...]
     channels_last: bool = False
+    # Ours masked (random lengths along the last dimension) against torch unmasked on the same
+    # shape: what padding-aware statistics cost over plain batch norm.
+    masked: bool = False
 
     @property
     def numel(self) -> int:
@@ -46,6 +49,7 @@ SHAPES = (
     Shape("mlp", (1024, 512)),
     Shape("seq", (32, 128, 512)),
     Shape("vol", (8, 32, 16, 32, 32)),
+    Shape("masked", (32, 128, 512), masked=True),
 )
 
 
@@ -164,9 +168,17 @@ def bench_shape(spec: Shape, backend: str, device: torch.device, dtype: torch.dt
     grad_output = torch.randn(spec.shape, generator=generator).to(device=device, dtype=dtype)
     if spec.channels_last:
         grad_output = grad_output.contiguous(memory_format=torch.channels_last)
+    mask = None
+    if spec.masked:
+        length = spec.shape[-1]
+        lengths = torch.randint(2, length + 1, (spec.shape[0],), generator=generator)  # (N,)
+        mask = (torch.arange(length) < lengths.view(-1, 1)).to(device)  # (N, L)
+        mask = mask.view(spec.shape[0], *([1] * (len(spec.shape) - 3)), length).expand(
+            spec.shape[0], *spec.shape[2:]
+        )  # (N, *, L)
 
     def ours(inp: Tensor, training: bool = True) -> Tensor:
-        return batch_norm(inp, mean_ours, var_ours, weight, bias, training)
+        return batch_norm(inp, mean_ours, var_ours, weight, bias, training, mask=mask)
 
     def theirs(inp: Tensor, training: bool = True) -> Tensor:
         return nn.functional.batch_norm(inp, mean_torch, var_torch, weight, bias, training)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from numbers import Real
 
 import torch
@@ -17,6 +18,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import backends
 from ._autograd import apply_batch_norm
+from ._masked import apply_masked_batch_norm, check_valid_count, resolve_mask, valid_count
 
 __all__ = [
     "BatchNormArgumentError",
@@ -68,6 +70,8 @@ def batch_norm(
     *,
     skip_nonfinite: bool = False,
     num_batches_tracked: Tensor | None = None,
+    mask: Tensor | None = None,
+    lengths: Tensor | None = None,
 ) -> Tensor:
     r"""Batch normalization of ``input`` (N, C, \*) per channel, as ``torch.nn.functional.batch_norm``.
 
@@ -85,6 +89,13 @@ def batch_norm(
             call that does all a module's forward does: when given and the running statistics
             are updated, it is incremented, and ``momentum=None`` averages cumulatively
             (factor 1 / count).
+        mask: for padded, variable-length batches, a boolean tensor of the input's shape without
+            the channel dimension ((N, L) for (N, C, L)), True where a value is real. Statistics
+            are taken over the valid positions only (M of them per channel; the running variance
+            is unbiased by M/(M-1)), padded positions come out as 0 with 0 gradient, whatever
+            they hold. Default None: every value is real.
+        lengths: instead of ``mask``, the valid length (N,) of each sample along the last
+            dimension: position l of sample n is valid when l < lengths[n].
 
     Example:
         >>> import torch
@@ -108,6 +119,8 @@ def batch_norm(
             eps=eps,
             skip_nonfinite=skip_nonfinite,
             num_batches_tracked=num_batches_tracked,
+            mask=mask,
+            lengths=lengths,
         )
     if isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0:
         # torch returns an empty output for an empty 1-D input: there is no channel to normalize.
@@ -125,6 +138,8 @@ def batch_norm(
         skip_nonfinite=skip_nonfinite,
         caller="batch_norm",
         num_batches_tracked=num_batches_tracked,
+        mask=mask,
+        lengths=lengths,
     )
     return output
 
@@ -158,21 +173,33 @@ def batch_norm_with_stats(
     caller: str,
     normalizer: Normalizer = apply_batch_norm,
     num_batches_tracked: Tensor | None = None,
+    mask: Tensor | None = None,
+    lengths: Tensor | None = None,
+    masked_normalizer: Callable[[Tensor], Normalizer] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`batch_norm` that also returns the statistics it normalized with, (mu, var).
 
     Every argument is validated before anything is computed or updated, so a call that raises
     changes nothing. ``normalizer`` computes the output (default: plain batch norm); the
-    validation and the running-statistics update stay here for every variant.
+    validation and the running-statistics update stay here for every variant. With ``mask`` or
+    ``lengths`` (see :func:`batch_norm`), ``masked_normalizer(mask)`` computes the output instead
+    (default: masked batch norm, :mod:`batchnorm._masked`).
     """
     check_input(input, caller)
     check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, caller)
+    valid = resolve_mask(input, mask, lengths, caller)
     update = training and running_mean is not None and running_var is not None
     if momentum is None and update and num_batches_tracked is None:
         raise TypeError(
             f"{caller}: expected momentum to be a number, got None (a cumulative average needs num_batches_tracked)"
         )
-    if training:
+    if valid is not None:
+        if training:
+            check_valid_count(input, valid)
+        normalizer = (
+            partial(apply_masked_batch_norm, mask=valid) if masked_normalizer is None else masked_normalizer(valid)
+        )
+    elif training:
         check_batch_size(input)
     output, mean, var = normalizer(
         input, weight, bias, None if training else running_mean, None if training else running_var, eps
@@ -181,7 +208,8 @@ def batch_norm_with_stats(
         assert running_mean is not None and running_var is not None
         # Cumulative moving average: the n-th batch gets weight 1/n.
         factor = 1.0 / float(num_batches_tracked + 1) if momentum is None else float(momentum)  # type: ignore[operator]
-        count = input.numel() // input.shape[1]
+        # M values per channel: the valid ones of a masked batch.
+        count = input.numel() // input.shape[1] if valid is None else valid_count(valid)
         update_running_stats(running_mean, running_var, mean, var, count, factor, skip_nonfinite)
     if update and num_batches_tracked is not None:
         # Counted only once the call has succeeded (torch counts before it can fail).

@@ -9,6 +9,7 @@ expected input rank.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,13 +48,14 @@ def check_hyperparameters(eps: object, momentum: object, caller: str) -> None:
         BF.check_momentum(momentum, caller)
 
 
-def fx_leaf_call(module: nn.Module, input: object) -> Any:
+def fx_leaf_call(module: nn.Module, input: object, **keywords: Any) -> Any:
     """Under ``torch.fx.symbolic_trace``, the node torch's own batch norm gives: one
     ``call_module`` of this module, which runs it as it is at run time (mode included). None
-    when not tracing."""
+    when not tracing. ``keywords`` that are not None (``mask``, ``lengths``) go into the node."""
     if not torch.compiler.is_compiling() and isinstance(input, torch.fx.Proxy):
         tracer: Any = input.tracer
-        return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+        given = {name: value for name, value in keywords.items() if value is not None}
+        return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), given)
     return None
 
 
@@ -148,15 +150,27 @@ class _BatchNormBase(_BatchNorm):
                     f"{who}: expected input on the module's device {tensor.device}, got input on {input.device}"
                 )
 
-    def forward(self, input: Tensor) -> Tensor:
-        traced = fx_leaf_call(self, input)
+    def forward(self, input: Tensor, *, mask: Tensor | None = None, lengths: Tensor | None = None) -> Tensor:
+        traced = fx_leaf_call(self, input, mask=mask, lengths=lengths)
         if traced is not None:
             return traced  # type: ignore[no-any-return]
-        output, _, _ = self._batch_norm(input, apply_batch_norm)
+        output, _, _ = self._batch_norm(input, apply_batch_norm, mask=mask, lengths=lengths)
         return output
 
-    def _batch_norm(self, input: Tensor, normalizer: BF.Normalizer) -> tuple[Tensor, Tensor, Tensor]:
+    def _batch_norm(
+        self,
+        input: Tensor,
+        normalizer: BF.Normalizer,
+        *,
+        mask: Tensor | None = None,
+        lengths: Tensor | None = None,
+        masked_normalizer: Callable[[Tensor], BF.Normalizer] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """The forward, with ``normalizer`` computing the output; returns (output, mu, var).
+
+        With ``mask`` or ``lengths`` (:func:`batchnorm.functional.batch_norm`), statistics over
+        the valid positions only, computed by ``masked_normalizer(mask)`` (default: masked
+        batch norm).
 
         Fused variants (batch norm + activation, convolution + batch norm) pass their own
         normalizer and share the validation, the running statistics, the counter and
@@ -179,6 +193,9 @@ class _BatchNormBase(_BatchNorm):
             caller=self._describe(),
             normalizer=normalizer,
             num_batches_tracked=self.num_batches_tracked if self.training and self.track_running_stats else None,
+            mask=mask,
+            lengths=lengths,
+            masked_normalizer=masked_normalizer,
         )
         if use_batch_stats and batch_statistics_observable():
             self.batch_mean = mean.detach()
@@ -266,6 +283,15 @@ class BatchNorm(_BatchNormBase):
         skip_nonfinite: a channel whose batch statistics are NaN or Inf keeps its running
             statistics for that step (keyword-only). Default: True; False is torch's behaviour.
 
+    Forward (keyword-only, for padded variable-length batches):
+        mask: a boolean tensor of the input's shape without dimension 1 ((N, L) for (N, C, L),
+            (N, H, W) for (N, C, H, W)), True where a value is real. Training statistics are the
+            mean and biased variance of the valid values only (M per channel; the running
+            variance unbiased by M/(M-1)); eval normalizes the valid values with the running
+            statistics. Padded positions come out as 0 and get 0 gradient, whatever they hold.
+        lengths: instead of ``mask``, an integer tensor (N,): the first ``lengths[n]`` positions
+            of the last dimension of sample n are real.
+
     Shape:
         input (N, C, \*), output the same shape, dtype and memory format.
 
@@ -321,7 +347,7 @@ class _LazyBatchNormBase:
         _LazyNormBase.__init__(self, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)  # type: ignore[arg-type]
         _BatchNormBase._init_extras(self, skip_nonfinite)  # type: ignore[arg-type]
 
-    def initialize_parameters(self, input: Tensor) -> None:
+    def initialize_parameters(self, input: Tensor, **_masks: Any) -> None:
         module: Any = self
         # Validate before materializing, so that a bad first input leaves the module lazy.
         module._check_rank(input, type(self).__name__)

@@ -13,7 +13,9 @@ backward:
     dx = gamma r (dy - s1/n - (x - mu) r^2 s2/n)                     with the GLOBAL count n
     dgamma = local s2 * r,  dbeta = local s1                         (DDP sums them over ranks)
 
-Per-rank batch sizes may differ and a rank with an empty batch takes part (n_k = 0). Every rank
+Per-rank batch sizes may differ and a rank with an empty batch takes part (n_k = 0). With a mask
+(``forward(x, mask=...)``, :mod:`batchnorm._masked`) n_k is the rank's valid count, 0 for a fully
+padded rank, and the sums run over valid positions (s2 becomes s2_hat = sum dy x̂). Every rank
 of the group must call forward and backward the same number of times, as with torch's
 SyncBatchNorm. Gloo (CPU) and NCCL (GPU) both run it; without an initialized process group, or
 with a group of one, the module is the local :class:`batchnorm.BatchNorm`.
@@ -33,6 +35,15 @@ from . import backends
 from . import functional as BF
 from ._autograd import affine_tangent, normalized, parameter_dtype, without_jvp
 from ._convert import rebuild, swap_modules
+from ._masked import (
+    masked_forward,
+    masked_input_grad,
+    masked_normalized,
+    masked_stats,
+    resolve_mask,
+    spread,
+    valid_count,
+)
 from .modules import BatchNorm, batch_statistics_observable, fx_leaf_call
 
 __all__ = ["SyncBatchNorm"]
@@ -55,11 +66,15 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         eps: float,
         group: Any,
         world_size: int,
+        mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         cdt = backends.compute_dtype(x)
         channels = x.shape[1]
-        local_count = x.numel() // channels
-        if local_count > 0:
+        # n_k: the rank's values per channel, its valid ones when masked (0 for a fully padded rank).
+        local_count = x.numel() // channels if mask is None else valid_count(mask)
+        if local_count > 0 and mask is not None:
+            mean, var, _ = masked_stats(x, mask)  # (N, C, *) -> (C,), (C,) over the valid positions
+        elif local_count > 0:
             mean, var = backends.batch_stats(x)  # (N, C, *) -> (C,), (C,)
         else:
             # An empty rank contributes n_k = 0; zeros keep NaN out of the weighted sums.
@@ -78,7 +93,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         counts, means, m2s = stats[:, :1], stats[:, 1 : channels + 1], stats[:, channels + 1 :]  # (W, 1), (W, C)
         total = counts.sum()  # () : n, the global values per channel
         n = int(total.item())
-        if n == 1:
+        if n == 1 or (mask is not None and n < 2):
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {x.size()} on this rank "
                 f"and 1 value per channel over the process group"
@@ -92,29 +107,45 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             merged_m2 = m2s.sum(0) + (counts * (means - merged_mean) ** 2).sum(0)  # (W, C) -> (C,)
             global_mean = merged_mean.to(cdt)
             global_var = (merged_m2 / total).to(cdt)
-            y, _ = backends.forward_eval(x, global_mean, global_var, weight, bias, eps)
+            if mask is None:
+                y, _ = backends.forward_eval(x, global_mean, global_var, weight, bias, eps)
+            else:
+                y, _, _ = masked_forward(x, mask, weight, bias, global_mean, global_var, eps)
         return y, global_mean, global_var, total.to(cdt)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        x, weight, bias, eps, group, _ = inputs
+        x, weight, bias, eps, group, _, mask = inputs
         _, mean, var, count = output
         ctx.count = int(count.item())
         ctx.group = group
         ctx.eps = eps
         ctx.param_dtype = parameter_dtype(x, weight, bias)
-        ctx.save_for_backward(x, weight, mean, var)
-        ctx.save_for_forward(x, weight, mean, var)
+        ctx.save_for_backward(x, weight, mean, var, mask)
+        ctx.save_for_forward(x, weight, mean, var, mask)
         ctx.mark_non_differentiable(mean, var, count)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor, *_grad_stats: Any) -> tuple[Tensor | None, ...]:
-        x, weight, mean, var = ctx.saved_tensors
+        x, weight, mean, var, mask = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         channels = x.shape[1]
         grad_input: Tensor | None = None
-        if ctx.count == 0:
+        if mask is not None:
+            # Masked: the same two sums over the valid positions, s2_hat = Σ dy · x̂ (_masked).
+            invstd = torch.rsqrt(var + ctx.eps)
+            x_hat = masked_normalized(x, mask, mean, invstd)  # (N, C, *), 0 on padded positions
+            dy = torch.where(spread(mask), grad_output.to(mean.dtype), 0)
+            dims = backends.reduce_dims(x)
+            sum_dy, grad_weight = dy.sum(dims), (dy * x_hat).sum(dims)  # (N, C, *) -> (C,), (C,)
+            if need_input:
+                packed = torch.cat([sum_dy, grad_weight])  # (2C,)
+                dist.all_reduce(packed, group=ctx.group)  # (2C,) summed over the group
+                grad_input = masked_input_grad(
+                    dy, x_hat, mask, weight, invstd, packed[:channels], packed[channels:], ctx.count
+                ).to(x.dtype)
+        elif ctx.count == 0:
             zeros = torch.zeros(channels, dtype=mean.dtype, device=x.device)
             sum_dy, grad_weight = zeros, zeros
             if need_input:
@@ -136,18 +167,21 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
     @staticmethod
     def jvp(
         ctx: Any, t_x: Tensor | None, t_weight: Tensor | None, t_bias: Tensor | None, *_constants: Any
     ) -> tuple[Tensor, None, None, None]:
-        x, weight, mean, var = ctx.saved_tensors
+        x, weight, mean, var, mask = ctx.saved_tensors
         if ctx.count == 0:
             return torch.zeros_like(x), None, None, None
         invstd = torch.rsqrt(var + ctx.eps)
-        x_hat = normalized(x, mean, invstd)  # (N, C, *)
+        x_hat = normalized(x, mean, invstd) if mask is None else masked_normalized(x, mask, mean, invstd)  # (N, C, *)
         t_y = affine_tangent(x_hat, None, weight, t_weight, t_bias)
+        if t_x is not None and mask is not None:
+            t_x = torch.where(spread(mask), t_x, 0)  # padded tangents never enter
         if t_x is not None:
             # t_x̂ = r * (t_x - mean(t_x) - x̂ * mean(x̂ * t_x)), the means over the global batch.
             shape = backends.channel_shape(x)
@@ -158,6 +192,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             mean_tangent, projection = (packed / ctx.count).view(2, -1)  # (C,), (C,)
             t_x_hat = (tangent - mean_tangent.view(shape) - x_hat * projection.view(shape)) * invstd.view(shape)
             t_y = t_y + (t_x_hat if weight is None else t_x_hat * weight.to(x_hat.dtype).view(shape))
+        if mask is not None:
+            t_y = torch.where(spread(mask), t_y, 0)
         return t_y.to(x.dtype), None, None, None
 
 
@@ -225,15 +261,16 @@ class SyncBatchNorm(BatchNorm):
             return 1
         return dist.get_world_size(self.process_group)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, *, mask: Tensor | None = None, lengths: Tensor | None = None) -> Tensor:
         # As torch: only training synchronizes; eval normalizes locally (with the batch's own
         # statistics when there are no running ones).
         world_size = self._world_size() if self.training else 1
-        traced = fx_leaf_call(self, input)
+        traced = fx_leaf_call(self, input, mask=mask, lengths=lengths)
         if world_size == 1 or traced is not None:
-            local: Tensor = super().forward(input)
+            local: Tensor = super().forward(input, mask=mask, lengths=lengths)
             return local
         self._check_input(input)
+        valid = resolve_mask(input, mask, lengths, self._describe())
         update = self.track_running_stats
         running_mean = self.running_mean if update else None
         running_var = self.running_var if update else None
@@ -247,7 +284,7 @@ class SyncBatchNorm(BatchNorm):
         )
         output, mean, var, count = (
             _SyncBatchNormFunctionNoJvp if torch.compiler.is_compiling() else _SyncBatchNormFunction
-        ).apply(input, self.weight, self.bias, self.eps, self.process_group, world_size)
+        ).apply(input, self.weight, self.bias, self.eps, self.process_group, world_size, valid)
         n = int(count.item())
         if running_mean is not None and running_var is not None and n > 0:
             BF.update_running_stats(running_mean, running_var, mean, var, n, factor, self.skip_nonfinite)

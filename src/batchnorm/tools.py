@@ -26,6 +26,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from . import modules as M
 from ._convert import check_materialized, describe, is_batch_norm, rebuild, swap_modules
+from ._masked import masked_stats, resolve_mask, valid_count
 from .activation import BatchNormAct, BatchNormAct2d, FrozenBatchNormAct, _ActivatedBatchNorm
 from .sync import SyncBatchNorm
 from .variants import FrozenBatchNorm
@@ -237,12 +238,16 @@ class _PooledStats:
         self.mean: Tensor | None = None
         self.m2: Tensor | None = None
 
-    def add(self, x: Tensor) -> None:
-        n = x.numel() // x.shape[1]
+    def add(self, x: Tensor, mask: Tensor | None = None) -> None:
+        """Pool the values of ``x`` (N, C, *); with ``mask`` (N, *), only its valid positions."""
+        n = x.numel() // x.shape[1] if mask is None else valid_count(mask)
         if n == 0:
             return
-        dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(x.detach().double(), dim=dims, correction=0)  # (N, C, *) -> (C,), (C,)
+        if mask is None:
+            dims = [0, *range(2, x.dim())]
+            var, mean = torch.var_mean(x.detach().double(), dim=dims, correction=0)  # (N, C, *) -> (C,), (C,)
+        else:
+            mean, var, _ = masked_stats(x.detach().double(), mask)  # (N, C, *) -> (C,), (C,) over valid positions
         m2 = var * n
         if self.mean is None or self.m2 is None:
             self.count, self.mean, self.m2 = n, mean, m2
@@ -254,15 +259,25 @@ class _PooledStats:
         self.count = total
 
 
-def _batch_input(batch: object) -> Any:
-    """The model input of one batch: the batch itself, or the first element of a tuple or list."""
+def _batch_input(batch: object) -> tuple[Any, dict[str, Tensor]]:
+    """The model input of one batch and the keywords of the call: the batch itself, or the first
+    element of a tuple or list; ``{"mask": m}`` when the second element is a boolean tensor."""
     if isinstance(batch, (tuple, list)):
         if not batch:
             raise ValueError(
                 "recalibrate: expected a non-empty tuple or list (input, ...) as a batch, got an empty one"
             )
-        return batch[0]
-    return batch
+        if len(batch) >= 2 and isinstance(batch[1], Tensor) and batch[1].dtype == torch.bool:
+            return batch[0], {"mask": batch[1]}
+        return batch[0], {}
+    return batch, {}
+
+
+def _pool(stats: _PooledStats, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """The pre-hook of :func:`recalibrate`: pool the layer's input over the valid positions of the
+    mask (or lengths) the layer itself is called with."""
+    (input,) = args[:1]
+    stats.add(input, resolve_mask(input, kwargs.get("mask"), kwargs.get("lengths"), "recalibrate"))
 
 
 def recalibrate(
@@ -283,7 +298,11 @@ def recalibrate(
     Args:
         model: the model (changed in place).
         batches: an iterable of inputs, or of tuples/lists whose first element is the input
-            (a DataLoader of ``(x, y)`` works); already on the model's device.
+            (a DataLoader of ``(x, y)`` works); already on the model's device. A batch of the
+            form ``(input, mask)``, ``mask`` a boolean tensor, is a padded variable-length batch:
+            the model is called as ``model(input, mask=mask)``, and each batch norm pools the
+            valid positions of the mask it is called with, only (masked batch norm, see
+            :func:`batchnorm.functional.batch_norm`).
         num_batches: use at most this many batches. Default: all.
         progress: show a tqdm progress bar. Default: False.
 
@@ -312,7 +331,7 @@ def recalibrate(
     pooled = {layer: _PooledStats() for layer in layers}
     modes = {module: module.training for module in model.modules()}
     saved = {layer: (layer.momentum, [t.clone() for t in _state(layer)]) for layer in layers}
-    hooks = [layer.register_forward_pre_hook(lambda layer, args: pooled[layer].add(args[0])) for layer in layers]
+    hooks = [layer.register_forward_pre_hook(partial(_pool, pooled[layer]), with_kwargs=True) for layer in layers]
     iterator: Iterable[Any] = batches
     if progress:
         from tqdm.auto import tqdm
@@ -328,7 +347,8 @@ def recalibrate(
             for batch in iterator:
                 if num_batches is not None and seen >= num_batches:
                     break
-                model(_batch_input(batch))
+                input, keywords = _batch_input(batch)
+                model(input, **keywords)
                 seen += 1
     finally:
         for hook in hooks:

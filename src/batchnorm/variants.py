@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from . import backends
 from . import functional as BF
 from ._autograd import apply_batch_norm
+from ._masked import check_valid_count, resolve_mask
 from .modules import BatchNorm, check_num_features
 
 __all__ = ["BatchRenorm", "FrozenBatchNorm", "GhostBatchNorm", "renorm_schedule"]
@@ -84,16 +85,24 @@ class GhostBatchNorm(BatchNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, *, mask: Tensor | None = None, lengths: Tensor | None = None) -> Tensor:
         if not self.training:
-            return super().forward(input)
+            return super().forward(input, mask=mask, lengths=lengths)
         # Every virtual batch is validated before the first one updates any state.
         self._check_input(input)
-        chunks = torch.tensor_split(input, max(1, input.shape[0] // self.virtual_batch_size))  # k x (n_i, C, *)
-        for chunk in chunks:
-            BF.check_batch_size(chunk)
-        normalize = super().forward
-        return torch.cat([normalize(chunk) for chunk in chunks])  # k x (n_i, C, *) -> (N, C, *)
+        valid = resolve_mask(input, mask, lengths, self._describe())
+        sections = max(1, input.shape[0] // self.virtual_batch_size)
+        chunks = torch.tensor_split(input, sections)  # k x (n_i, C, *)
+        if valid is None:
+            for chunk in chunks:
+                BF.check_batch_size(chunk)
+            normalize = super().forward
+            return torch.cat([normalize(chunk) for chunk in chunks])  # k x (n_i, C, *) -> (N, C, *)
+        masks = torch.tensor_split(valid, sections)  # k x (n_i, *): each virtual batch its own valid count
+        for chunk, chunk_mask in zip(chunks, masks, strict=True):
+            check_valid_count(chunk, chunk_mask)
+        outputs = [super(GhostBatchNorm, self).forward(c, mask=m) for c, m in zip(chunks, masks, strict=True)]
+        return torch.cat(outputs)  # k x (n_i, C, *) -> (N, C, *)
 
 
 class BatchRenorm(BatchNorm):
@@ -167,15 +176,15 @@ class BatchRenorm(BatchNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}"
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, *, mask: Tensor | None = None, lengths: Tensor | None = None) -> Tensor:
         if not self.training or not self.track_running_stats or self.running_mean is None or self.running_var is None:
-            return super().forward(input)
+            return super().forward(input, mask=mask, lengths=lengths)
         _check_limits(self.rmax, self.dmax, self._describe())
         # mu and sigma as they were before this step's update.
         running_mean = self.running_mean.detach().clone()
         running_sigma = torch.sqrt(self.running_var.detach() + self.eps)
         # y0 = gamma * x_hat + beta with the batch statistics mu_B, var_B
-        output, batch_mean, batch_var = self._batch_norm(input, apply_batch_norm)
+        output, batch_mean, batch_var = self._batch_norm(input, apply_batch_norm, mask=mask, lengths=lengths)
         batch_mean, batch_var = batch_mean.detach(), batch_var.detach()
         cdt = batch_mean.dtype
         sigma = running_sigma.to(cdt)
@@ -187,7 +196,12 @@ class BatchRenorm(BatchNorm):
         shift = d if self.weight is None else self.weight.to(cdt) * d
         if self.bias is not None:
             shift = shift + (1 - r) * self.bias.to(cdt)
-        return backends.normalize(output, r, shift)
+        if mask is None and lengths is None:
+            return backends.normalize(output, r, shift)
+        # Padded positions stay 0 (the mask was validated by the forward above).
+        valid = resolve_mask(input, mask, lengths, self._describe())
+        assert valid is not None
+        return torch.where(valid.unsqueeze(1), backends.normalize(output, r, shift), 0)  # (N, 1, *) vs (N, C, *)
 
 
 def _check_limits(rmax: object, dmax: object, caller: str) -> None:

@@ -35,7 +35,7 @@ import torch
 
 from .. import __version__
 from ..backends import using_backend
-from . import inversion_demo, landscape, lenet, lr_sweep, paper, points, running_stats, tools_demo
+from . import inversion_demo, landscape, lenet, lr_sweep, masked_demo, paper, points, running_stats, tools_demo
 from .data import Dataset, load_digits, load_mnist, load_mnist5k
 from .report import Context, DemoError, Section, check_output_dir, styled, write_report
 from .stats import CI_TEXT
@@ -51,6 +51,7 @@ SECTIONS: list[Callable[[Context], Section]] = [
     points.section,
     tools_demo.section,
     inversion_demo.section,
+    masked_demo.section,
 ]
 
 DATASETS = ("mnist5k", "digits", "mnist")

@@ -1,0 +1,382 @@
+"""Masked batch norm against its oracle: torch's own batch norm on the valid values gathered into
+one tensor (every valid position of every sample, one row per position, channels as columns).
+
+Padded positions must come out as exactly 0 and receive exactly 0 gradient whatever they hold.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+import batchnorm
+from batchnorm import BatchNorm, SyncBatchNorm
+from batchnorm.functional import batch_norm
+
+STEPS = 2
+
+
+def gather(x: Tensor, mask: Tensor) -> Tensor:
+    """The valid values of x (N, C, *) as rows: (N, C, *) -> (M, C)."""
+    return x.movedim(1, -1)[mask]
+
+
+def scatter(values: Tensor, mask: Tensor, like: Tensor) -> Tensor:
+    """Rows (M, C) back to the positions of mask, 0 elsewhere: (M, C) -> (N, C, *) like ``like``."""
+    out = torch.zeros(like.movedim(1, -1).shape, dtype=values.dtype)
+    out[mask] = values
+    return out.movedim(-1, 1)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float64
+    kind: str = "random"  # random, all_valid, padded_sample
+    channels_last: bool = False
+
+
+CASES = [
+    Case("1d", (5, 3, 9)),
+    Case("1d_float32", (6, 4, 11), torch.float32),
+    Case("1d_all_valid", (4, 3, 6), kind="all_valid"),
+    Case("1d_padded_sample", (4, 3, 7), kind="padded_sample"),
+    Case("2d", (3, 2, 5, 4)),
+    Case("2d_channels_last", (3, 4, 5, 3), channels_last=True),
+    Case("2d_float32_padded_sample", (4, 3, 4, 4), torch.float32, kind="padded_sample"),
+    Case("3d", (2, 3, 3, 4, 2)),
+]
+
+
+def case_data(case: Case) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(sum(map(ord, case.name)))
+    n, c, *tail = case.shape
+    mask = torch.rand((n, *tail), generator=gen) < 0.6
+    if case.kind == "all_valid":
+        mask = torch.ones_like(mask)
+    if case.kind == "padded_sample":
+        mask[1] = False
+    mask.view(-1)[:2] = True  # at least two valid values
+    x = [torch.randn(case.shape, generator=gen, dtype=case.dtype) * 2 + 3 for _ in range(STEPS)]
+    if case.channels_last:
+        x = [t.contiguous(memory_format=torch.channels_last) for t in x]
+    return {
+        "mask": mask,
+        "x": x,
+        "dy": [torch.randn(case.shape, generator=gen, dtype=case.dtype) for _ in range(STEPS)],
+        "weight": torch.rand(c, generator=gen, dtype=case.dtype) + 0.5,
+        "bias": torch.randn(c, generator=gen, dtype=case.dtype),
+    }
+
+
+def module(cls: type[BatchNorm], channels: int, data: dict[str, Any], dtype: torch.dtype) -> BatchNorm:
+    bn = cls(channels, dtype=dtype)
+    with torch.no_grad():
+        bn.weight.copy_(data["weight"])
+        bn.bias.copy_(data["bias"])
+    return bn
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    return {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_against_batch_norm_of_valid_values(case: Case) -> None:
+    """Outputs, input/weight/bias gradients over two training steps, running statistics and the
+    eval output, against torch's F.batch_norm on the gathered valid values."""
+    data = case_data(case)
+    mask = data["mask"]
+    bn = module(BatchNorm, case.shape[1], data, case.dtype)
+    weight = data["weight"].clone().requires_grad_(True)
+    bias = data["bias"].clone().requires_grad_(True)
+    running_mean = torch.zeros(case.shape[1], dtype=case.dtype)
+    running_var = torch.ones(case.shape[1], dtype=case.dtype)
+    tol = tolerance(case.dtype)
+    for step in range(STEPS):
+        x = data["x"][step].clone().requires_grad_(True)
+        y = bn(x, mask=mask)
+        (y * data["dy"][step]).sum().backward()
+        rows = gather(x.detach(), mask).requires_grad_(True)
+        expected = F.batch_norm(rows, running_mean, running_var, weight, bias, True, 0.1, bn.eps)
+        (expected * gather(data["dy"][step], mask)).sum().backward()
+        assert x.grad is not None and rows.grad is not None
+        torch.testing.assert_close(y.detach(), scatter(expected.detach(), mask, x), **tol)
+        torch.testing.assert_close(x.grad, scatter(rows.grad, mask, x), **tol)
+        torch.testing.assert_close(bn.weight.grad, weight.grad, **tol)
+        torch.testing.assert_close(bn.bias.grad, bias.grad, **tol)
+        bn.weight.grad = bn.bias.grad = weight.grad = bias.grad = None
+    torch.testing.assert_close(bn.running_mean, running_mean, **tol)
+    torch.testing.assert_close(bn.running_var, running_var, **tol)
+    assert int(bn.num_batches_tracked) == STEPS
+    bn.eval()
+    x = data["x"][0]
+    expected = F.batch_norm(gather(x, mask), running_mean, running_var, data["weight"], data["bias"], False)
+    torch.testing.assert_close(bn(x, mask=mask), scatter(expected, mask, x), **tol)
+
+
+def test_all_valid_equals_unmasked() -> None:
+    x = torch.randn(4, 3, 6, dtype=torch.float64)
+    bn, masked = BatchNorm(3, dtype=torch.float64), BatchNorm(3, dtype=torch.float64)
+    torch.testing.assert_close(masked(x, mask=torch.ones(4, 6, dtype=torch.bool)), bn(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(masked(x, lengths=torch.full((4,), 6)), bn(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(masked.running_var, bn.running_var, rtol=0, atol=1e-12)
+
+
+def test_lengths_is_the_prefix_mask() -> None:
+    x = torch.randn(3, 2, 4, 5, dtype=torch.float64)
+    lengths = torch.tensor([5, 0, 2])
+    mask = (torch.arange(5) < lengths.view(-1, 1)).view(3, 1, 5).expand(3, 4, 5)
+    a, b = batch_norm_2d_pair()
+    assert torch.equal(a(x, lengths=lengths), b(x, mask=mask))
+    assert torch.equal(a.running_var, b.running_var)
+
+
+def batch_norm_2d_pair() -> tuple[BatchNorm, BatchNorm]:
+    return batchnorm.BatchNorm2d(2, dtype=torch.float64), batchnorm.BatchNorm2d(2, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("filler", [float("nan"), float("inf"), 1e30])
+def test_padding_is_never_read(filler: float) -> None:
+    """Padding filled with NaN, Inf or huge values gives identical outputs, gradients and statistics."""
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(4, 7, generator=gen) < 0.5
+    mask[0, :2] = True
+    x = torch.randn(4, 3, 7, generator=gen)
+    dy = torch.randn(4, 3, 7, generator=gen)
+    results = []
+    for fill in (0.0, filler):
+        bn = BatchNorm(3)
+        xin = torch.where(mask.unsqueeze(1), x, fill).requires_grad_(True)
+        y = bn(xin, mask=mask)
+        y.backward(torch.where(mask.unsqueeze(1), dy, fill))
+        results.append((y.detach(), xin.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    y, grad = results[1][:2]
+    assert torch.equal(y.movedim(1, -1)[~mask], torch.zeros_like(y.movedim(1, -1)[~mask]))
+    assert grad is not None and bool((grad.movedim(1, -1)[~mask] == 0).all())
+
+
+# Forward-mode checks import torch's jvp decompositions, which torch.jit.script warns about.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_and_gradgradcheck(training: bool) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 2, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.rand(2, dtype=torch.float64, generator=gen).add_(0.5).requires_grad_(True)
+    bias = torch.randn(2, dtype=torch.float64, generator=gen, requires_grad=True)
+    mask = torch.rand(3, 5, generator=gen) < 0.6
+    mask[0, :2] = True
+    mean, var = torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5
+
+    def f(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        stats = (None, None) if training else (mean, var)
+        return batch_norm(x, *stats, weight, bias, training, mask=mask)
+
+    # Forward mode checks the hand-written jvp; the batched checks run backward and jvp under vmap.
+    checks = {"check_forward_ad": True, "check_batched_grad": True, "check_batched_forward_grad": True}
+    assert torch.autograd.gradcheck(f, (x, weight, bias), **checks)
+    assert torch.autograd.gradgradcheck(f, (x, weight, bias))
+
+
+# torch.func.jvp's first call imports torch's jvp decompositions, which torch.jit.script warns about.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_vmap_and_jvp() -> None:
+    gen = torch.Generator().manual_seed(2)
+    xs = torch.randn(3, 4, 2, 6, dtype=torch.float64, generator=gen)
+    mask = torch.rand(4, 6, generator=gen) < 0.6
+    mask[0, :2] = True
+    tangent = torch.randn(4, 2, 6, dtype=torch.float64, generator=gen)
+
+    def f(x: Tensor) -> Tensor:
+        return batch_norm(x, None, None, training=True, mask=mask)
+
+    batched = torch.func.vmap(f)(xs)
+    for x, y in zip(xs, batched, strict=True):
+        torch.testing.assert_close(y, f(x), rtol=0, atol=1e-12)
+    out, t_out = torch.func.jvp(f, (xs[0],), (tangent,))
+    # The reverse-mode Jacobian applied to the tangent is the oracle of the hand-written jvp.
+    jacobian = torch.autograd.functional.jacobian(f, xs[0])  # (4, 2, 6, 4, 2, 6)
+    expected = (jacobian.reshape(48, 48) @ tangent.reshape(48)).view_as(tangent)
+    torch.testing.assert_close(out, f(xs[0]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(t_out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_variants_take_a_mask() -> None:
+    """Lazy, ghost, renorm and activated batch norm with a mask, each against what it reduces to."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 3, 5, dtype=torch.float64, generator=gen)
+    mask = torch.rand(8, 5, generator=gen) < 0.7
+    mask[:, 0] = True
+    reference = batchnorm.BatchNorm1d(3, dtype=torch.float64)
+    expected = reference(x, mask=mask)
+    lazy = batchnorm.LazyBatchNorm1d(dtype=torch.float64)
+    assert torch.equal(lazy(x, mask=mask), expected)
+    renorm = batchnorm.BatchRenorm(3, rmax=1.0, dmax=0.0, dtype=torch.float64)
+    torch.testing.assert_close(renorm(x, mask=mask), expected, rtol=0, atol=1e-12)
+    act = batchnorm.BatchNormAct(3, activation="relu", dtype=torch.float64)
+    assert torch.equal(act(x, mask=mask), torch.relu(expected))
+    sync = SyncBatchNorm(3, dtype=torch.float64)  # no process group: the local masked batch norm
+    assert torch.equal(sync(x, mask=mask), expected)
+    ghost = batchnorm.GhostBatchNorm(3, virtual_batch_size=4, dtype=torch.float64)
+    halves = [BatchNorm(3, dtype=torch.float64)(x[i : i + 4], mask=mask[i : i + 4]) for i in (0, 4)]
+    assert torch.equal(ghost(x, mask=mask), torch.cat(halves))
+    with pytest.raises(ValueError, match="no mask"):
+        batchnorm.InPlaceABN(3)(x.float(), mask=mask)
+
+
+def test_inverse_is_exact_on_valid_positions() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 3, 6, dtype=torch.float64, generator=gen) * 5 - 2
+    mask = torch.rand(4, 6, generator=gen) < 0.6
+    mask[0, :2] = True
+    bn = batchnorm.BatchNorm1d(3, dtype=torch.float64)
+    restored = bn.inverse(bn(x, mask=mask))
+    torch.testing.assert_close(gather(restored, mask), gather(x, mask), rtol=0, atol=1e-12)
+
+
+def test_recalibrate_pools_valid_positions_only() -> None:
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(4, 3, 8, generator=gen, dtype=torch.float64) for _ in range(3)]
+    masks = [torch.rand(4, 8, generator=gen) < 0.5 for _ in range(3)]
+    for mask in masks:
+        mask[0, :2] = True
+    xs = [torch.where(m.unsqueeze(1), x, float("nan")) for x, m in zip(xs, masks, strict=True)]
+    model = batchnorm.BatchNorm1d(3, dtype=torch.float64).eval()
+    batchnorm.recalibrate(model, list(zip(xs, masks, strict=True)))
+    rows = torch.cat([gather(x, m) for x, m in zip(xs, masks, strict=True)])  # (M, C)
+    torch.testing.assert_close(model.running_mean, rows.mean(0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(model.running_var, rows.var(0), rtol=0, atol=1e-12)
+    assert not model.training and int(model.num_batches_tracked) == 0
+
+
+BAD = {
+    "mask_shape": ({"mask": torch.ones(4, 5, dtype=torch.bool)}, ValueError, r"shape \(4, 6\).*got shape \(4, 5\)"),
+    "mask_with_channels": ({"mask": torch.ones(4, 3, 6, dtype=torch.bool)}, ValueError, "without the channel"),
+    "mask_dtype": ({"mask": torch.ones(4, 6)}, TypeError, "torch.bool, got dtype torch.float32"),
+    "mask_not_tensor": ({"mask": [[True] * 6] * 4}, TypeError, "got list"),
+    "mask_device": ({"mask": torch.ones(4, 6, dtype=torch.bool, device="meta")}, ValueError, "device cpu, got meta"),
+    "lengths_too_long": ({"lengths": torch.tensor([1, 7, 2, 3])}, ValueError, r"in \[0, 6\], got \[1, 7, 2, 3\]"),
+    "lengths_negative": ({"lengths": torch.tensor([1, -1, 2, 3])}, ValueError, r"in \[0, 6\]"),
+    "lengths_shape": ({"lengths": torch.tensor([1, 2])}, ValueError, r"shape \(4,\), got shape \(2,\)"),
+    "lengths_float": ({"lengths": torch.ones(4)}, TypeError, "integer dtype"),
+    "both": (
+        {"mask": torch.ones(4, 6, dtype=torch.bool), "lengths": torch.ones(4, dtype=torch.long)},
+        ValueError,
+        "not both",
+    ),
+    "one_valid": ({"lengths": torch.tensor([1, 0, 0, 0])}, ValueError, "Expected more than 1 value per channel"),
+    "none_valid": ({"mask": torch.zeros(4, 6, dtype=torch.bool)}, ValueError, "Expected more than 1 value per channel"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_mask_raises_before_any_change(name: str) -> None:
+    keywords, error, message = BAD[name]
+    bn = batchnorm.BatchNorm1d(3)
+    before = [t.clone() for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+    with pytest.raises(error, match=message):
+        bn(torch.randn(4, 3, 6), **keywords)
+    after = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    with pytest.raises(error, match=message):
+        batch_norm(torch.randn(4, 3, 6), None, None, training=True, **keywords)
+
+
+# ---------------------------------------------------------------------------------------------
+# SyncBatchNorm on two gloo ranks: uneven batches, one rank fully padded in the second step.
+# ---------------------------------------------------------------------------------------------
+
+SYNC_SIZES = (3, 2)
+
+
+def sync_data() -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(6)
+    shape = (sum(SYNC_SIZES), 3, 5)
+    masks = [torch.rand(shape[0], 5, generator=gen) < 0.6 for _ in range(STEPS)]
+    masks[0][0, :2] = True
+    masks[1][:2, :3] = True
+    masks[1][3:] = False  # rank 1 has no valid value in step 2
+    return {
+        "x": [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(STEPS)],
+        "dy": [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(STEPS)],
+        "mask": masks,
+    }
+
+
+def sync_steps(bn: BatchNorm, rows: slice) -> dict[str, list[Tensor]]:
+    data = sync_data()
+    seen: dict[str, list[Tensor]] = {"y": [], "dx": [], "dweight": [], "dbias": []}
+    for step in range(STEPS):
+        x = data["x"][step][rows].clone().requires_grad_(True)
+        y = bn(x, mask=data["mask"][step][rows])
+        (y * data["dy"][step][rows]).sum().backward()
+        assert x.grad is not None and bn.weight.grad is not None and bn.bias.grad is not None
+        seen["y"].append(y.detach())
+        seen["dx"].append(x.grad)
+        seen["dweight"].append(bn.weight.grad.clone())
+        seen["dbias"].append(bn.bias.grad.clone())
+        bn.weight.grad = bn.bias.grad = None
+    seen["running"] = [bn.running_mean, bn.running_var, bn.num_batches_tracked]
+    return seen
+
+
+def sync_oracle() -> dict[str, list[Tensor]]:
+    """What the ranks must see: torch's F.batch_norm on the valid values of all ranks gathered."""
+    data = sync_data()
+    weight = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    running_mean, running_var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    seen: dict[str, list[Tensor]] = {"y": [], "dx": [], "dweight": [], "dbias": []}
+    for step in range(STEPS):
+        x, mask = data["x"][step], data["mask"][step]
+        rows = gather(x, mask).requires_grad_(True)  # (M, C) over both ranks
+        y = F.batch_norm(rows, running_mean, running_var, weight, bias, True)
+        (y * gather(data["dy"][step], mask)).sum().backward()
+        assert rows.grad is not None and weight.grad is not None and bias.grad is not None
+        seen["y"].append(scatter(y.detach(), mask, x))
+        seen["dx"].append(scatter(rows.grad, mask, x))
+        seen["dweight"].append(weight.grad.clone())
+        seen["dbias"].append(bias.grad.clone())
+        weight.grad = bias.grad = None
+    seen["running"] = [running_mean, running_var, torch.tensor(STEPS)]
+    return seen
+
+
+def _sync_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        start = sum(SYNC_SIZES[:rank])
+        seen = sync_steps(SyncBatchNorm(3, dtype=torch.float64), slice(start, start + SYNC_SIZES[rank]))
+        torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_batch_norm_with_masks_on_two_ranks(tmp_path: Path) -> None:
+    """Per-rank valid counts (uneven, one rank fully padded) merge to the global batch's statistics."""
+    from tests.test_sync import spawn_worker
+
+    ranks = spawn_worker(_sync_worker, len(SYNC_SIZES), tmp_path)
+    expected = sync_oracle()
+    tol = tolerance(torch.float64)
+    for step in range(STEPS):
+        for key in ("y", "dx"):
+            got = torch.cat([ranks[rank][key][step] for rank in range(len(SYNC_SIZES))])
+            torch.testing.assert_close(got, expected[key][step], **tol)
+        for key in ("dweight", "dbias"):
+            summed = sum(ranks[rank][key][step] for rank in range(len(SYNC_SIZES)))
+            torch.testing.assert_close(summed, expected[key][step], **tol)
+    for rank in range(len(SYNC_SIZES)):
+        for a, b in zip(ranks[rank]["running"], expected["running"], strict=True):
+            torch.testing.assert_close(a, b, **tol)
