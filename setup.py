@@ -1,0 +1,48 @@
+"""Builds the native kernels (csrc/) as ``batchnorm._C`` against the installed torch.
+
+Everything else is declared in pyproject.toml. The build needs torch at build time, so it runs
+without pip's build isolation (``pip install --no-build-isolation``, as the Makefile does). Where
+no C++ compiler or torch is available, the package installs without the extension and runs on
+the Python backends (``batchnorm.backends`` warns once).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+from setuptools import setup
+
+
+def _cpu_flags() -> list[str]:
+    """AVX2/FMA vector code when the building machine has it: the extension is built where it
+    runs (an editable or local install). ``BATCHNORM_PORTABLE=1`` builds the generic code."""
+    if os.environ.get("BATCHNORM_PORTABLE") == "1" or platform.machine() not in ("x86_64", "AMD64"):
+        return ["-DCPU_CAPABILITY=DEFAULT"]
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = set(cpuinfo.read().split())
+    except OSError:
+        flags = set()
+    if {"avx2", "fma"} <= flags:
+        return ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return ["-DCPU_CAPABILITY=DEFAULT"]
+
+
+def _extensions() -> tuple[list[object], dict[str, object]]:
+    if os.environ.get("BATCHNORM_NO_NATIVE") == "1":
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:  # no torch at build time (an isolated build): pure Python
+        return [], {}
+    extension = CppExtension(
+        "batchnorm._C",
+        ["csrc/batch_norm.cpp"],
+        extra_compile_args=["-O3", *_cpu_flags()],
+    )
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
