@@ -12,8 +12,12 @@
 // Any other strides are made contiguous first.
 //
 // Precision. float32 and float64 compute in their own type; float16/bfloat16 are widened to
-// float32 (statistics float32), as torch does. Sums of float32 data accumulate in float32 lanes
-// for at most kBlock values and then in float64, so that rounding does not grow with M.
+// float32 (statistics float32), as torch does. Statistics follow the corrected two-pass algorithm
+// of docs/math.md (Chan, Golub & LeVeque), never E[x^2] - E[x]^2: over a block of values that
+// sits in cache, m = sum(x)/n, c = x - m, mean = m + sum(c)/n, M2 = sum(c^2) - sum(c)^2/n (that
+// is, var = sum(c^2)/n - delta^2 with delta = sum(c)/n); blocks, runs and threads' parts are then
+// merged by the same authors' pairwise update (Moments::merge), in float64. float32 lanes
+// accumulate at most kBlock values before their sum is taken in float64.
 //
 // Threads. at::parallel_for over channels when there are enough of them (a channel's slice is
 // then read by one thread, three times in a row, from cache where it fits); over rows otherwise,
@@ -178,32 +182,78 @@ void flush(const std::vector<T>& lanes, double* acc, int64_t C) {
   for (int64_t c = 0; c < C; ++c) acc[c] += lanes[c];
 }
 
-// sum over rows of x[r, c] - m[c] (m = 0: plain sums) and, if sq, of its square.
+// Running statistics of one channel over the values seen so far: count n, mean, and M2, the sum
+// of squared deviations from the mean (var = M2 / n).
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+  // Merges a disjoint part (Chan, Golub & LeVeque's pairwise update):
+  //   n = n_a + n_b,  d = mean_b - mean_a,  mean = mean_a + d n_b / n,  M2 = M2_a + M2_b + d^2 n_a n_b / n.
+  void merge(double n_b, double mean_b, double m2_b) {
+    if (n_b == 0) return;
+    const double total = n + n_b, d = mean_b - mean;
+    mean += d * n_b / total;
+    m2 += m2_b + d * d * n * n_b / total;
+    n = total;
+  }
+};
+
+// Moments of one contiguous run p[0..n) ("rows" layout), kBlock values at a time: per block the
+// corrected two-pass algorithm on data still in L1 (as columns_moments), blocks merged.
 template <typename T>
-void columns_centred_sums(const T* x, int64_t r0, int64_t r1, int64_t C, const T* m, double* acc1, double* acc2) {
+void run_moments(const T* p, int64_t n, Moments& moments) {
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t len = std::min(kBlock, n - start);
+    const double n_b = static_cast<double>(len);
+    const T m = static_cast<T>(run_sum(p + start, len) / n_b);  // m_b = sum(x) / n_b
+    double sum_c = 0, sum_cc = 0;
+    run_centred_sums(p + start, len, m, sum_c, sum_cc);  // sum(c), sum(c^2), c = x - m_b
+    // mean_b = m_b + sum(c) / n_b,  M2_b = sum(c^2) - sum(c)^2 / n_b
+    moments.merge(n_b, static_cast<double>(m) + sum_c / n_b, std::max(0.0, sum_cc - sum_c * sum_c / n_b));
+  }
+}
+
+// Statistics of rows [r0, r1) of an (R, C) matrix into moments (C,), one cache-sized block of
+// rows at a time. Per block, the corrected two-pass algorithm on data still in cache:
+//   m_b = sum(x) / n_b,  c = x - m_b,  mean_b = m_b + sum(c) / n_b,  M2_b = sum(c^2) - sum(c)^2 / n_b,
+// then the block is merged into the running moments (Moments::merge). Every value is read from
+// memory once; never E[x^2] - E[x]^2.
+template <typename T>
+void columns_moments(const T* x, int64_t r0, int64_t r1, int64_t C, Moments* moments) {
   constexpr int64_t W = Vec<T>::size();
-  const int64_t block_rows = std::max<int64_t>(1, kBlock / 8);
-  std::vector<T> l1(C), l2(acc2 ? C : 0);
+  const int64_t block_rows = std::clamp<int64_t>(16384 / std::max<int64_t>(C, 1), 1, 512);
+  std::vector<T> sum(C), m(C), sum_c(C), sum_cc(C);
   for (int64_t start = r0; start < r1; start += block_rows) {
     const int64_t end = std::min(r1, start + block_rows);
-    std::fill(l1.begin(), l1.end(), T(0));
-    std::fill(l2.begin(), l2.end(), T(0));
-    for (int64_t r = start; r < end; ++r) {
+    const double n_b = static_cast<double>(end - start);
+    std::fill(sum.begin(), sum.end(), T(0));
+    for (int64_t r = start; r < end; ++r) {  // sum(x): (n_b, C) -> (C,)
+      const T* row = x + r * C;
+      int64_t c = 0;
+      for (; c + W <= C; c += W) (Vec<T>::loadu(sum.data() + c) + Vec<T>::loadu(row + c)).store(sum.data() + c);
+      for (; c < C; ++c) sum[c] += row[c];
+    }
+    for (int64_t c = 0; c < C; ++c) m[c] = static_cast<T>(sum[c] / n_b);  // m_b = sum(x) / n_b
+    std::fill(sum_c.begin(), sum_c.end(), T(0));
+    std::fill(sum_cc.begin(), sum_cc.end(), T(0));
+    for (int64_t r = start; r < end; ++r) {  // sum(c), sum(c^2), c = x - m_b, from cache
       const T* row = x + r * C;
       int64_t c = 0;
       for (; c + W <= C; c += W) {
-        const Vec<T> v = Vec<T>::loadu(row + c) - Vec<T>::loadu(m + c);  // x - m
-        (Vec<T>::loadu(l1.data() + c) + v).store(l1.data() + c);
-        if (acc2) at::vec::fmadd(v, v, Vec<T>::loadu(l2.data() + c)).store(l2.data() + c);
+        const Vec<T> v = Vec<T>::loadu(row + c) - Vec<T>::loadu(m.data() + c);
+        (Vec<T>::loadu(sum_c.data() + c) + v).store(sum_c.data() + c);
+        at::vec::fmadd(v, v, Vec<T>::loadu(sum_cc.data() + c)).store(sum_cc.data() + c);
       }
       for (; c < C; ++c) {
         const T v = row[c] - m[c];
-        l1[c] += v;
-        if (acc2) l2[c] += v * v;
+        sum_c[c] += v;
+        sum_cc[c] += v * v;
       }
     }
-    flush(l1, acc1, C);
-    if (acc2) flush(l2, acc2, C);
+    for (int64_t c = 0; c < C; ++c) {
+      const double sc = sum_c[c];
+      // mean_b = m_b + sum(c) / n_b,  M2_b = sum(c^2) - sum(c)^2 / n_b
+      moments[c].merge(n_b, static_cast<double>(m[c]) + sc / n_b, std::max(0.0, sum_cc[c] - sc * sc / n_b));
+    }
   }
 }
 
@@ -305,27 +355,20 @@ template <typename T>
 void forward_train_kernel(const View& v, const T* gamma, const T* beta, double eps, T* y, T* mean, T* var, T* invstd) {
   const T* x = v.data.const_data_ptr<T>();
   const int64_t C = v.C, L = v.L, N = v.N;
-  const double M = static_cast<double>(v.N) * v.L;
-  // Per channel, from the two sums of the corrected two-pass algorithm (docs/math.md, Chan,
-  // Golub & LeVeque): mu = m + delta, delta = sum(c)/M, var = sum(c^2)/M - delta^2.
-  auto finish = [&](int64_t c, double m, double sum_c, double sum_cc) {
-    const double delta = sum_c / M;                                       // delta = sum(c) / M
-    const double v2 = std::max(0.0, sum_cc / M - delta * delta);          // var = sum(c^2)/M - delta^2
-    mean[c] = static_cast<T>(m + delta);                                  // mu = m + delta
-    var[c] = static_cast<T>(v2);
+  // Per channel, from its moments over all M values: mu = mean, var = M2 / M, r = 1/sqrt(var + eps).
+  auto finish = [&](int64_t c, const Moments& total) {
+    mean[c] = static_cast<T>(total.mean);                                             // mu
+    var[c] = static_cast<T>(std::max(0.0, total.m2 / total.n));                       // var = M2 / M
     invstd[c] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(var[c]) + eps));  // r = 1/sqrt(var + eps)
   };
   if (!v.columns && by_channel(v)) {
-    // One channel per task: its N runs of L values are read three times in a row (sum, centred
-    // sums, output) while they are still in cache.
+    // One channel per task: statistics run by run (each read once from memory, twice from L1),
+    // then the output while the channel's slice is still in cache where it fits.
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        double sum = 0;
-        for (int64_t n = 0; n < N; ++n) sum += run_sum(x + (n * C + c) * L, L);  // sum(x)
-        const T m = static_cast<T>(sum / M);                                      // m = sum(x) / M
-        double sum_c = 0, sum_cc = 0;
-        for (int64_t n = 0; n < N; ++n) run_centred_sums(x + (n * C + c) * L, L, m, sum_c, sum_cc);
-        finish(c, m, sum_c, sum_cc);
+        Moments total;
+        for (int64_t n = 0; n < N; ++n) run_moments(x + (n * C + c) * L, L, total);
+        finish(c, total);
         const T a = gamma[c] * invstd[c];  // a = gamma * r
         for (int64_t n = 0; n < N; ++n)    // y = (x - mu) * a + beta
           run_affine(x + (n * C + c) * L, y + (n * C + c) * L, L, mean[c], a, beta[c]);
@@ -334,33 +377,17 @@ void forward_train_kernel(const View& v, const T* gamma, const T* beta, double e
     return;
   }
   if (!v.columns) {
-    // Few channels: each pass parallel over the N * C runs, per-run sums reduced over N after.
-    std::vector<double> sums(N * C), sums_cc(N * C);
+    // Few channels: moments of the N * C runs in parallel, merged over N, then the output.
+    std::vector<Moments> runs(N * C);
     at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
-      for (int64_t k = b; k < e; ++k) sums[k] = run_sum(x + k * L, L);  // sum(x) per run
-    });
-    std::vector<T> m(C);
-    for (int64_t c = 0; c < C; ++c) {
-      double s = 0;
-      for (int64_t n = 0; n < N; ++n) s += sums[n * C + c];  // (N, C) -> (C,)
-      m[c] = static_cast<T>(s / M);                          // m = sum(x) / M
-    }
-    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
-      for (int64_t k = b; k < e; ++k) {
-        sums[k] = 0;
-        sums_cc[k] = 0;
-        run_centred_sums(x + k * L, L, m[k % C], sums[k], sums_cc[k]);  // sum(c), sum(c^2) per run
-      }
+      for (int64_t k = b; k < e; ++k) run_moments(x + k * L, L, runs[k]);
     });
     for (int64_t c = 0; c < C; ++c) {
-      double sc = 0, scc = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        sc += sums[n * C + c];
-        scc += sums_cc[n * C + c];
-      }
-      finish(c, m[c], sc, scc);
+      Moments total;
+      for (int64_t n = 0; n < N; ++n) total.merge(runs[n * C + c].n, runs[n * C + c].mean, runs[n * C + c].m2);
+      finish(c, total);
     }
-    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1)), [&](int64_t b, int64_t e) {
       for (int64_t k = b; k < e; ++k) {
         const int64_t c = k % C;
         run_affine(x + k * L, y + k * L, L, mean[c], gamma[c] * invstd[c], beta[c]);  // y = (x - mu) a + beta
@@ -368,25 +395,18 @@ void forward_train_kernel(const View& v, const T* gamma, const T* beta, double e
     });
     return;
   }
-  // (R, C): row chunks in parallel, each with (C,) partial sums.
+  // (R, C): row chunks in parallel, each with its own moments (C,), merged after.
   const int64_t R = v.R;
   const int64_t max_chunks = std::max<int64_t>(1, at::get_num_threads());
-  std::vector<double> p1(max_chunks * C, 0.0), p2(max_chunks * C, 0.0);
-  std::vector<T> zeros(C, T(0));
-  int64_t chunks = parallel_row_chunks(R, [&](int64_t k, int64_t r0, int64_t r1) {
-    columns_centred_sums(x, r0, r1, C, zeros.data(), p1.data() + k * C, nullptr);  // sum(x)
+  std::vector<Moments> partial(max_chunks * C);
+  const int64_t chunks = parallel_row_chunks(R, [&](int64_t k, int64_t r0, int64_t r1) {
+    columns_moments(x, r0, r1, C, partial.data() + k * C);
   });
-  std::vector<double> sum = reduce_chunks(p1, chunks, C);
-  std::vector<T> m(C);
-  for (int64_t c = 0; c < C; ++c) m[c] = static_cast<T>(sum[c] / M);  // m = sum(x) / M
-  std::fill(p1.begin(), p1.end(), 0.0);
-  chunks = parallel_row_chunks(R, [&](int64_t k, int64_t r0, int64_t r1) {
-    columns_centred_sums(x, r0, r1, C, m.data(), p1.data() + k * C, p2.data() + k * C);  // sum(c), sum(c^2)
-  });
-  std::vector<double> sum_c = reduce_chunks(p1, chunks, C), sum_cc = reduce_chunks(p2, chunks, C);
   std::vector<T> a(C);
   for (int64_t c = 0; c < C; ++c) {
-    finish(c, m[c], sum_c[c], sum_cc[c]);
+    Moments total = partial[c];
+    for (int64_t k = 1; k < chunks; ++k) total.merge(partial[k * C + c].n, partial[k * C + c].mean, partial[k * C + c].m2);
+    finish(c, total);
     a[c] = gamma[c] * invstd[c];  // a = gamma * r
   }
   constexpr int64_t W = Vec<T>::size();
