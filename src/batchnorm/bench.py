@@ -46,6 +46,7 @@ SHAPES = (
     Shape("mlp", (1024, 512)),
     Shape("seq", (32, 128, 512)),
     Shape("vol", (8, 32, 16, 32, 32)),
+    Shape("small", (16, 512, 2, 2)),
 )
 
 
