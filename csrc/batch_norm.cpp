@@ -55,6 +55,10 @@ template <typename T>
 double run_sum(const T* p, int64_t n) {
   constexpr int64_t W = Vec<T>::size();
   double total = 0;
+  if (n < 2 * W) {  // short runs (small spatial extents): no vector set-up
+    for (int64_t i = 0; i < n; ++i) total += p[i];
+    return total;
+  }
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t end = std::min(n, start + kBlock);
     Vec<T> acc0(0), acc1(0);
@@ -78,6 +82,14 @@ double run_sum(const T* p, int64_t n) {
 template <typename T>
 void run_centred_sums(const T* p, int64_t n, T m, double& sum_c, double& sum_cc) {
   constexpr int64_t W = Vec<T>::size();
+  if (n < 2 * W) {
+    for (int64_t i = 0; i < n; ++i) {
+      const T c = p[i] - m;  // c = x - m
+      sum_c += c;
+      sum_cc += static_cast<double>(c) * c;
+    }
+    return;
+  }
   const Vec<T> vm(m);
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t end = std::min(n, start + kBlock);
@@ -110,6 +122,13 @@ void run_centred_sums(const T* p, int64_t n, T m, double& sum_c, double& sum_cc)
 template <typename T>
 void run_grad_sums(const T* dy, const T* x, int64_t n, T mu, double& s1, double& s2) {
   constexpr int64_t W = Vec<T>::size();
+  if (n < 2 * W) {
+    for (int64_t i = 0; i < n; ++i) {
+      s1 += dy[i];                                      // dy
+      s2 += static_cast<double>(dy[i]) * (x[i] - mu);  // dy * (x - mu)
+    }
+    return;
+  }
   const Vec<T> vmu(mu);
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t end = std::min(n, start + kBlock);
@@ -207,6 +226,29 @@ void run_moments(const T* p, int64_t n, Moments& moments) {
     const T m = static_cast<T>(run_sum(p + start, len) / n_b);  // m_b = sum(x) / n_b
     double sum_c = 0, sum_cc = 0;
     run_centred_sums(p + start, len, m, sum_c, sum_cc);  // sum(c), sum(c^2), c = x - m_b
+    // mean_b = m_b + sum(c) / n_b,  M2_b = sum(c^2) - sum(c)^2 / n_b
+    moments.merge(n_b, static_cast<double>(m) + sum_c / n_b, std::max(0.0, sum_cc - sum_c * sum_c / n_b));
+  }
+}
+
+// Moments of `count` runs of L values, run n at x + n * stride (one channel's runs in the (N, C, L)
+// view): runs shorter than kBlock are taken in groups of about kBlock values, each group by the
+// corrected two-pass algorithm on data in L1, so that short runs (L = 4) do not pay a merge each.
+template <typename T>
+void strided_runs_moments(const T* x, int64_t count, int64_t stride, int64_t L, Moments& moments) {
+  if (L >= kBlock) {
+    for (int64_t n = 0; n < count; ++n) run_moments(x + n * stride, L, moments);
+    return;
+  }
+  const int64_t group = std::max<int64_t>(1, kBlock / std::max<int64_t>(L, 1));
+  for (int64_t n0 = 0; n0 < count; n0 += group) {
+    const int64_t n1 = std::min(count, n0 + group);
+    const double n_b = static_cast<double>(n1 - n0) * L;
+    double sum = 0;
+    for (int64_t n = n0; n < n1; ++n) sum += run_sum(x + n * stride, L);  // sum(x)
+    const T m = static_cast<T>(sum / n_b);                                // m_b = sum(x) / n_b
+    double sum_c = 0, sum_cc = 0;
+    for (int64_t n = n0; n < n1; ++n) run_centred_sums(x + n * stride, L, m, sum_c, sum_cc);  // sum(c), sum(c^2)
     // mean_b = m_b + sum(c) / n_b,  M2_b = sum(c^2) - sum(c)^2 / n_b
     moments.merge(n_b, static_cast<double>(m) + sum_c / n_b, std::max(0.0, sum_cc - sum_c * sum_c / n_b));
   }
@@ -315,9 +357,15 @@ std::vector<double> reduce_chunks(const std::vector<double>& partial, int64_t ch
 
 struct View {
   Tensor data;    // contiguous in the chosen layout's sense
-  bool columns;   // (R, C) matrix; else (N, C, L)
+  bool columns;   // an (R, width) matrix; else (N, C, L)
   int64_t N, C, L, R;
+  int64_t per = 1;    // columns: adjacent columns per channel (1; L for short runs)
+  int64_t width = 0;  // columns: C * per
 };
+
+// Runs shorter than this are walked as an (N, C * L) matrix instead: vectorized across a row
+// rather than one short run at a time.
+constexpr int64_t kShortRun = 16;
 
 View view_of(const Tensor& x) {
   const int64_t C = x.size(1);
@@ -326,10 +374,19 @@ View view_of(const Tensor& x) {
   bool channels_last = false;
   if (x.dim() == 4) channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast);
   if (x.dim() == 5) channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast3d);
-  if (x.dim() == 2 && x.is_contiguous()) return {x, true, N, C, 1, N};
-  if (x.is_contiguous()) return {x, false, N, C, L, N * C};
-  if (channels_last) return {x, true, N, C, L, N * L};
-  return {x.contiguous(), false, N, C, L, N * C};  // any other strides
+  if (x.dim() == 2 && x.is_contiguous()) return {x, true, N, C, 1, N, 1, C};
+  const Tensor data = x.is_contiguous() || channels_last ? x : x.contiguous();  // any other strides
+  if (channels_last && !x.is_contiguous()) return {data, true, N, C, L, N * L, 1, C};
+  if (L < kShortRun) return {data, true, N, C, L, N, L, C * L};  // (N, C, L) as (N, C * L)
+  return {data, false, N, C, L, N * C, 1, 0};
+}
+
+// A per-channel vector (C,) repeated for each of a channel's `per` columns: (C,) -> (C * per,).
+template <typename T>
+std::vector<T> expand(const T* v, int64_t C, int64_t per) {
+  std::vector<T> out(C * per);
+  for (int64_t c = 0; c < C; ++c) std::fill(out.begin() + c * per, out.begin() + (c + 1) * per, v[c]);
+  return out;
 }
 
 // Parallel over channels when every thread gets a few; over rows otherwise.
@@ -367,7 +424,7 @@ void forward_train_kernel(const View& v, const T* gamma, const T* beta, double e
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         Moments total;
-        for (int64_t n = 0; n < N; ++n) run_moments(x + (n * C + c) * L, L, total);
+        strided_runs_moments(x + c * L, N, C * L, L, total);  // (N, L) -> moments
         finish(c, total);
         const T a = gamma[c] * invstd[c];  // a = gamma * r
         for (int64_t n = 0; n < N; ++n)    // y = (x - mu) * a + beta
@@ -377,14 +434,23 @@ void forward_train_kernel(const View& v, const T* gamma, const T* beta, double e
     return;
   }
   if (!v.columns) {
-    // Few channels: moments of the N * C runs in parallel, merged over N, then the output.
-    std::vector<Moments> runs(N * C);
-    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
-      for (int64_t k = b; k < e; ++k) run_moments(x + k * L, L, runs[k]);
+    // Few channels: each channel's N runs split in groups, the groups' moments in parallel and
+    // merged per channel after, then the output.
+    const int64_t group = std::max<int64_t>(1, kBlock / std::max<int64_t>(L, 1));
+    const int64_t groups = (N + group - 1) / group;
+    std::vector<Moments> parts(C * groups);
+    at::parallel_for(0, C * groups, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t c = t / groups, n0 = (t % groups) * group;
+        strided_runs_moments(x + (n0 * C + c) * L, std::min(group, N - n0), C * L, L, parts[t]);
+      }
     });
     for (int64_t c = 0; c < C; ++c) {
       Moments total;
-      for (int64_t n = 0; n < N; ++n) total.merge(runs[n * C + c].n, runs[n * C + c].mean, runs[n * C + c].m2);
+      for (int64_t j = 0; j < groups; ++j) {
+        const Moments& part = parts[c * groups + j];
+        total.merge(part.n, part.mean, part.m2);  // (groups,) -> channel
+      }
       finish(c, total);
     }
     at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1)), [&](int64_t b, int64_t e) {
@@ -395,31 +461,37 @@ void forward_train_kernel(const View& v, const T* gamma, const T* beta, double e
     });
     return;
   }
-  // (R, C): row chunks in parallel, each with its own moments (C,), merged after.
-  const int64_t R = v.R;
+  // (R, width): row chunks in parallel, each with its own moments per column, merged after
+  // over chunks and over a channel's columns.
+  const int64_t R = v.R, width = v.width, per = v.per;
   const int64_t max_chunks = std::max<int64_t>(1, at::get_num_threads());
-  std::vector<Moments> partial(max_chunks * C);
+  std::vector<Moments> partial(max_chunks * width);
   const int64_t chunks = parallel_row_chunks(R, [&](int64_t k, int64_t r0, int64_t r1) {
-    columns_moments(x, r0, r1, C, partial.data() + k * C);
+    columns_moments(x, r0, r1, width, partial.data() + k * width);
   });
   std::vector<T> a(C);
   for (int64_t c = 0; c < C; ++c) {
-    Moments total = partial[c];
-    for (int64_t k = 1; k < chunks; ++k) total.merge(partial[k * C + c].n, partial[k * C + c].mean, partial[k * C + c].m2);
+    Moments total;
+    for (int64_t k = 0; k < chunks; ++k)
+      for (int64_t j = 0; j < per; ++j) {
+        const Moments& part = partial[k * width + c * per + j];
+        total.merge(part.n, part.mean, part.m2);  // (chunks, per) -> channel
+      }
     finish(c, total);
     a[c] = gamma[c] * invstd[c];  // a = gamma * r
   }
+  const std::vector<T> mu_w = expand(mean, C, per), a_w = expand(a.data(), C, per), beta_w = expand(beta, C, per);
   constexpr int64_t W = Vec<T>::size();
-  at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = x + r * C;
-      T* yr = y + r * C;
+      const T* xr = x + r * width;
+      T* yr = y + r * width;
       int64_t c = 0;
-      for (; c + W <= C; c += W)  // y = (x - mu) * a + beta
-        at::vec::fmadd(Vec<T>::loadu(xr + c) - Vec<T>::loadu(mean + c), Vec<T>::loadu(a.data() + c),
-                       Vec<T>::loadu(beta + c))
+      for (; c + W <= width; c += W)  // y = (x - mu) * a + beta
+        at::vec::fmadd(Vec<T>::loadu(xr + c) - Vec<T>::loadu(mu_w.data() + c), Vec<T>::loadu(a_w.data() + c),
+                       Vec<T>::loadu(beta_w.data() + c))
             .store(yr + c);
-      for (; c < C; ++c) yr[c] = (xr[c] - mean[c]) * a[c] + beta[c];
+      for (; c < width; ++c) yr[c] = (xr[c] - mu_w[c]) * a_w[c] + beta_w[c];
     }
   });
 }
@@ -462,14 +534,17 @@ void affine_kernel(const View& v, const T* a, const T* b, const T* in, T* out) {
     });
     return;
   }
-  at::parallel_for(0, v.R, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+  const int64_t width = v.width;
+  const std::vector<T> a_w = expand(a, C, v.per), b_w = expand(b, C, v.per);
+  at::parallel_for(0, v.R, std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = in + r * C;
-      T* yr = out + r * C;
+      const T* xr = in + r * width;
+      T* yr = out + r * width;
       int64_t c = 0;
-      for (; c + W <= C; c += W)
-        at::vec::fmadd(Vec<T>::loadu(xr + c), Vec<T>::loadu(a + c), Vec<T>::loadu(b + c)).store(yr + c);
-      for (; c < C; ++c) yr[c] = xr[c] * a[c] + b[c];
+      for (; c + W <= width; c += W)  // y = x * a + b
+        at::vec::fmadd(Vec<T>::loadu(xr + c), Vec<T>::loadu(a_w.data() + c), Vec<T>::loadu(b_w.data() + c))
+            .store(yr + c);
+      for (; c < width; ++c) yr[c] = xr[c] * a_w[c] + b_w[c];
     }
   });
 }
@@ -519,14 +594,21 @@ void grad_sums_kernel(const View& xv, const T* dy, const T* mu, double* s1, doub
     }
     return;
   }
+  const int64_t width = xv.width, per = xv.per;
+  const std::vector<T> mu_w = expand(mu, C, per);
   const int64_t max_chunks = std::max<int64_t>(1, at::get_num_threads());
-  std::vector<double> p1(max_chunks * C, 0.0), p2(max_chunks * C, 0.0);
+  std::vector<double> p1(max_chunks * width, 0.0), p2(max_chunks * width, 0.0);
   const int64_t chunks = parallel_row_chunks(xv.R, [&](int64_t k, int64_t r0, int64_t r1) {
-    columns_grad_sums(dy, x, r0, r1, C, mu, p1.data() + k * C, p2.data() + k * C);
+    columns_grad_sums(dy, x, r0, r1, width, mu_w.data(), p1.data() + k * width, p2.data() + k * width);
   });
-  const std::vector<double> a = reduce_chunks(p1, chunks, C), b = reduce_chunks(p2, chunks, C);
-  std::copy(a.begin(), a.end(), s1);
-  std::copy(b.begin(), b.end(), s2);
+  const std::vector<double> a = reduce_chunks(p1, chunks, width), b = reduce_chunks(p2, chunks, width);
+  for (int64_t c = 0; c < C; ++c) {
+    s1[c] = s2[c] = 0;
+    for (int64_t j = 0; j < per; ++j) {  // (C * per,) -> (C,)
+      s1[c] += a[c * per + j];
+      s2[c] += b[c * per + j];
+    }
+  }
 }
 
 template <typename T>
@@ -579,18 +661,21 @@ void backward_train_kernel(const View& xv, const T* dy, const T* gamma, const T*
     return;
   }
   constexpr int64_t W = Vec<T>::size();
-  at::parallel_for(0, xv.R, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+  const int64_t width = xv.width, per = xv.per;
+  const std::vector<T> mu_w = expand(mu, C, per), a_w = expand(a.data(), C, per), p_w = expand(p.data(), C, per),
+                       q_w = expand(q.data(), C, per);
+  at::parallel_for(0, xv.R, std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const T *xr = x + r * C, *gr = dy + r * C;
-      T* out = dx + r * C;
+      const T *xr = x + r * width, *gr = dy + r * width;
+      T* out = dx + r * width;
       int64_t c = 0;
-      for (; c + W <= C; c += W) {  // dx = dy * a + (x - mu) * p + q
-        const Vec<T> centred = Vec<T>::loadu(xr + c) - Vec<T>::loadu(mu + c);
-        at::vec::fmadd(Vec<T>::loadu(gr + c), Vec<T>::loadu(a.data() + c),
-                       at::vec::fmadd(centred, Vec<T>::loadu(p.data() + c), Vec<T>::loadu(q.data() + c)))
+      for (; c + W <= width; c += W) {  // dx = dy * a + (x - mu) * p + q
+        const Vec<T> centred = Vec<T>::loadu(xr + c) - Vec<T>::loadu(mu_w.data() + c);
+        at::vec::fmadd(Vec<T>::loadu(gr + c), Vec<T>::loadu(a_w.data() + c),
+                       at::vec::fmadd(centred, Vec<T>::loadu(p_w.data() + c), Vec<T>::loadu(q_w.data() + c)))
             .store(out + c);
       }
-      for (; c < C; ++c) out[c] = gr[c] * a[c] + (xr[c] - mu[c]) * p[c] + q[c];
+      for (; c < width; ++c) out[c] = gr[c] * a_w[c] + (xr[c] - mu_w[c]) * p_w[c] + q_w[c];
     }
   });
 }

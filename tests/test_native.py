@@ -32,13 +32,17 @@ def _strided(x: Tensor) -> Tensor:
     return view
 
 
-# (name, shape, layout): extents that are not multiples of the vector width; few channels (rows
-# parallel over N * C runs) and many (parallel over channels); N = 1 with spatial dims; large C
-# with small N.
+# (name, shape, layout): extents that are not multiples of the vector width; few channels (groups
+# of runs in parallel) and many (parallel over channels); runs longer than a block and runs so
+# short that (N, C, L) is walked as an (N, C * L) matrix; N = 1 with spatial dims; large C with
+# small N.
 LAYOUT_CASES: list[tuple[str, tuple[int, ...], Callable[[Tensor], Tensor]]] = [
     ("2d", (37, 13), lambda x: x),
     ("2d_large_c_small_n", (2, 1030), lambda x: x),
     ("3d_few_channels", (5, 3, 19), lambda x: x),
+    ("3d_few_channels_many_runs", (300, 3, 20), lambda x: x),
+    ("3d_runs_longer_than_a_block", (2, 3, 5000), lambda x: x),
+    ("4d_short_runs", (16, 40, 2, 2), lambda x: x),
     ("4d_many_channels", (3, 17, 5, 7), lambda x: x),
     ("4d_n1", (1, 6, 9, 11), lambda x: x),
     ("4d_large_c_small_n", (2, 1030, 2, 3), lambda x: x),
