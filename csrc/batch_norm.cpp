@@ -274,7 +274,8 @@ void columns_moments(const T* x, int64_t r0, int64_t r1, int64_t C, Moments* mom
       for (; c + W <= C; c += W) (Vec<T>::loadu(sum.data() + c) + Vec<T>::loadu(row + c)).store(sum.data() + c);
       for (; c < C; ++c) sum[c] += row[c];
     }
-    for (int64_t c = 0; c < C; ++c) m[c] = static_cast<T>(sum[c] / n_b);  // m_b = sum(x) / n_b
+    const double inv_nb = 1.0 / n_b;
+    for (int64_t c = 0; c < C; ++c) m[c] = static_cast<T>(sum[c] * inv_nb);  // m_b = sum(x) / n_b
     std::fill(sum_c.begin(), sum_c.end(), T(0));
     std::fill(sum_cc.begin(), sum_cc.end(), T(0));
     for (int64_t r = start; r < end; ++r) {  // sum(c), sum(c^2), c = x - m_b, from cache
@@ -291,10 +292,17 @@ void columns_moments(const T* x, int64_t r0, int64_t r1, int64_t C, Moments* mom
         sum_cc[c] += v * v;
       }
     }
+    // Moments::merge for every column at once: the counts, and so the weights, are shared.
+    const double n_a = C > 0 ? moments[0].n : 0, total = n_a + n_b;
+    const double w_b = n_b / total, w_ab = n_a * n_b / total;
     for (int64_t c = 0; c < C; ++c) {
       const double sc = sum_c[c];
-      // mean_b = m_b + sum(c) / n_b,  M2_b = sum(c^2) - sum(c)^2 / n_b
-      moments[c].merge(n_b, static_cast<double>(m[c]) + sc / n_b, std::max(0.0, sum_cc[c] - sc * sc / n_b));
+      const double mean_b = static_cast<double>(m[c]) + sc * inv_nb;       // mean_b = m_b + sum(c) / n_b
+      const double m2_b = std::max(0.0, sum_cc[c] - sc * sc * inv_nb);     // M2_b = sum(c^2) - sum(c)^2 / n_b
+      const double d = mean_b - moments[c].mean;                           // d = mean_b - mean_a
+      moments[c].mean += d * w_b;                                           // mean = mean_a + d n_b / n
+      moments[c].m2 += m2_b + d * d * w_ab;                                 // M2 = M2_a + M2_b + d^2 n_a n_b / n
+      moments[c].n = total;
     }
   }
 }
