@@ -8,8 +8,9 @@
 //     s1 = sum(dy)                   s2 = sum(dy * (x - mu))
 //
 // Layouts. Contiguous (N, C, *) is viewed as (N, C, L) ("rows": channel c is N runs of L values);
-// (N, C) and channels_last (N, *, C) as an (R, C) matrix ("columns": channel c is column c).
-// Any other strides are made contiguous first.
+// (N, C) and channels_last (N, *, C) as an (R, C) matrix ("columns": channel c is column c);
+// contiguous input with runs shorter than kShortRun as an (N, C * L) matrix (channel c is L
+// adjacent columns). Any other strides are made contiguous first.
 //
 // Precision. float32 and float64 compute in their own type; float16/bfloat16 are widened to
 // float32 (statistics float32), as torch does. Statistics follow the corrected two-pass algorithm
@@ -19,9 +20,10 @@
 // merged by the same authors' pairwise update (Moments::merge), in float64. float32 lanes
 // accumulate at most kBlock values before their sum is taken in float64.
 //
-// Threads. at::parallel_for over channels when there are enough of them (a channel's slice is
-// then read by one thread, three times in a row, from cache where it fits); over rows otherwise,
-// with per-chunk partial sums reduced afterwards.
+// Threads. at::parallel_for over channels when there are enough of them (one thread reads a
+// channel's slice once for its statistics and again, from cache where it fits, for the output or
+// dx); otherwise over groups of runs or chunks of rows, whose partial statistics or sums are
+// merged afterwards.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
