@@ -40,7 +40,10 @@ def _extensions() -> tuple[list[object], dict[str, object]]:
     extension = CppExtension(
         "batchnorm._C",
         ["csrc/batch_norm.cpp"],
-        extra_compile_args=["-O3", *_cpu_flags()],
+        # -fopenmp: at::parallel_for is a header template over `#pragma omp parallel`; without
+        # the flag it silently runs on one thread. The library resolves to torch's own libgomp.
+        extra_compile_args=["-O3", "-fopenmp", *_cpu_flags()],
+        extra_link_args=["-fopenmp"],
         optional=True,  # a failed build (no compiler) installs the package without it
     )
     base = BuildExtension.with_options(use_ninja=False)
