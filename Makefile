@@ -6,10 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo figures test test-torch-control lint typecheck bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+# The native kernels (setup.py, csrc/) build against the installed torch, so without pip's build
+# isolation: torch and the build tools first, then the package.
+$(STAMP): pyproject.toml setup.py csrc/batch_norm.cpp constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[experiments,dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt setuptools wheel torch
+	$(BIN)/python -m pip install --quiet --no-build-isolation -c constraints.txt -e '.[experiments,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -37,4 +40,4 @@ bench: $(STAMP)
 	$(BIN)/batchnorm bench
 
 clean:
-	rm -rf $(VENV) bn-report .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build src/batchnorm/_C.*.so bn-report .pytest_cache .mypy_cache .ruff_cache

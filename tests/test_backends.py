@@ -49,8 +49,14 @@ def test_unknown_backend_lists_valid_names(name: object) -> None:
     assert batchnorm.get_backend() == before
 
 
-def test_auto_picks_by_size() -> None:
+def test_auto_picks_native_on_cpu_else_by_size(monkeypatch: pytest.MonkeyPatch) -> None:
     small, large = torch.empty(8, 4), torch.empty(64, 64, 16, 16)
+    if backends._native.AVAILABLE:
+        assert backends.kernels_for(small) is backends.NATIVE
+        assert backends.kernels_for(large) is backends.NATIVE
+    # Without the native library (warned about once, elsewhere): the faster Python backend.
+    monkeypatch.setattr(backends._native, "AVAILABLE", False)
+    monkeypatch.setattr(backends, "_native_warned", True)
     assert backends.kernels_for(small) is backends.EAGER
     assert backends.kernels_for(large) is backends.COMPILED
     with batchnorm.using_backend("eager"):
@@ -96,7 +102,7 @@ def test_a_compiler_that_fails_while_building_falls_back_too(monkeypatch: pytest
 BACKEND_CASES = [case for case in CASES if case.name in ("2d-default", "1d_2D-momentum_none", "2d-channels_last")]
 
 
-@pytest.mark.parametrize("backend", ["eager", "compiled"])
+@pytest.mark.parametrize("backend", ["eager", "compiled", "native"])
 @pytest.mark.parametrize("case", BACKEND_CASES, ids=lambda case: case.name)
 def test_every_backend_matches_torch(backend: str, case: object) -> None:
     with batchnorm.using_backend(backend):

@@ -17,7 +17,10 @@ and the backward in its compact per-channel form (training):
 Backends:
     ``"eager"``    plain tensor operations, one pass per reduction and per elementwise map.
     ``"compiled"`` ``torch.compile`` of the same functions (fused C++ on CPU, Triton on GPU).
-    ``"auto"``     the faster of the two for the input at hand.
+    ``"native"``   C++ kernels built at install (``csrc/batch_norm.cpp``, :mod:`batchnorm._native`):
+                   CPU, float16/bfloat16/float32/float64; other inputs run eagerly.
+    ``"auto"``     native on CPU where it is built, else the faster of eager and compiled for
+                   the input at hand.
 
 The active backend is process-wide: :func:`set_backend`, :func:`get_backend`,
 :func:`using_backend` and the environment variable ``BATCHNORM_BACKEND``.
@@ -38,7 +41,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-BACKENDS = ("auto", "eager", "compiled")
+from . import _native
+
+BACKENDS = ("auto", "eager", "compiled", "native")
 _ENV_VAR = "BATCHNORM_BACKEND"
 
 # From this many elements up the compiled kernels win: below, torch.compile's fixed per-call
@@ -480,6 +485,71 @@ COMPILED = Kernels(
     _compiled_kernel("backward_eval"),
 )
 
+_NATIVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def native_takes(*tensors: Tensor) -> bool:
+    """The native kernels can run on these tensors: CPU, a floating dtype they implement, no vmap
+    dimension (the ops have no batching rule). O(1) checks, no layout queries."""
+    return all(t.device.type == "cpu" and t.dtype in _NATIVE_DTYPES and not is_batched(t) for t in tensors)
+
+
+def _native_forward_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _native.forward_train(x, weight, bias, eps) if native_takes(x) else forward_train(x, weight, bias, eps)
+
+
+def _native_forward_eval(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    kernel = _native.forward_eval if native_takes(x) else forward_eval
+    return kernel(x, mean, var, weight, bias, eps)
+
+
+def _native_backward_train(
+    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, need_input_grad: bool
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    # dy is checked too: gradcheck's batched-gradient check hands the backward a batched dy.
+    kernel = _native.backward_train if native_takes(dy, x) else backward_train
+    return kernel(dy, x, weight, mean, invstd, need_input_grad)
+
+
+def _native_backward_eval(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    need_input_grad: bool,
+    need_param_grads: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    kernel = _native.backward_eval if native_takes(dy, x) else backward_eval
+    return kernel(dy, x, weight, mean, invstd, need_input_grad, need_param_grads)
+
+
+NATIVE = Kernels(_native_forward_train, _native_forward_eval, _native_backward_train, _native_backward_eval)
+"""The native kernels, for the inputs they take; the eager kernels for the rest."""
+
+_native_warned = False
+
+
+def native_available() -> bool:
+    """The native library is loaded. If not, warns once (RuntimeWarning) per process."""
+    global _native_warned
+    if _native.AVAILABLE:
+        return True
+    if not _native_warned:
+        _native_warned = True
+        warnings.warn(
+            f"batchnorm: the native kernels are unavailable ({_native.LOAD_ERROR}); running the Python "
+            "kernels instead. Reinstall with a C++ compiler (pip install --no-build-isolation -e .) to build them.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
 # ---------------------------------------------------------------------------------------------
 # Selection
 # ---------------------------------------------------------------------------------------------
@@ -540,12 +610,16 @@ def using_backend(name: str) -> Iterator[None]:
 def kernels_for(x: Tensor, *, create_graph: bool = False) -> Kernels:
     """The kernels that run batch norm on ``x`` under the active backend.
 
-    Inside a ``torch.compile`` region and for double backward the eager kernels run: the outer
-    compiler fuses them itself, and a compiled kernel cannot be differentiated twice.
+    Inside a ``torch.compile`` region, under torch.func transforms and for double backward the
+    eager kernels run: the outer compiler fuses them itself, the native ops have no batching
+    rule, and neither a compiled nor a native kernel can be differentiated twice. ``"auto"``
+    takes the native kernels for CPU input where they are built.
     """
     name = get_backend()
     if create_graph or _transforms_active() or name == "eager":
         return EAGER
     if name == "compiled":
         return COMPILED
+    if x.device.type == "cpu" and native_available():
+        return NATIVE
     return COMPILED if x.numel() >= _AUTO_COMPILED_MIN_NUMEL else EAGER

@@ -1,4 +1,4 @@
-"""The benchmark behind ``batchnorm bench`` (SPEC section 7).
+"""The benchmark behind ``batchnorm bench``.
 
 Ours (``batchnorm.functional.batch_norm`` under the chosen backend) against torch's own
 ``torch.nn.functional.batch_norm``, float32 by default, in one process. Ours and torch are
@@ -49,6 +49,7 @@ SHAPES = (
     Shape("mlp", (1024, 512)),
     Shape("seq", (32, 128, 512)),
     Shape("vol", (8, 32, 16, 32, 32)),
+    Shape("small", (16, 512, 2, 2)),
     Shape("masked", (32, 128, 512), masked=True),
 )
 
@@ -293,7 +294,7 @@ def bench_training_step(
 
 
 def lenet(bn1d: type[nn.Module], bn2d: type[nn.Module]) -> nn.Module:
-    """LeNet-5 with batch norm after every convolution and hidden dense layer (SPEC section 6).
+    """LeNet-5 with batch norm after every convolution and hidden dense layer.
 
     The report's LeNet (:func:`batchnorm.experiments.models.lenet`, which needs only torch) with
     ``bn1d``/``bn2d`` as its batch norms, so that ours and torch's run the same network.
@@ -301,7 +302,7 @@ def lenet(bn1d: type[nn.Module], bn2d: type[nn.Module]) -> nn.Module:
     return models.lenet(norm1d=bn1d, norm2d=bn2d)
 
 
-# The end-to-end figure of SPEC section 7: LeNet-BN on 28x28 digits, batch 256, 10 classes.
+# The end-to-end figure: LeNet-BN on 28x28 digits, batch 256, 10 classes.
 END_TO_END = ("LeNet-BN", lenet, (256, 1, 28, 28), 10)
 
 

@@ -1,4 +1,4 @@
-"""The memory benchmark behind ``batchnorm bench --memory`` (SPEC section 7, issue 7).
+"""The memory benchmark behind ``batchnorm bench --memory``.
 
 A stack of Conv-BN-activation blocks (default: 6 blocks, 32 channels, 32x32, batch 16, float32,
 LeakyReLU(0.01), 3x3 convolutions without bias) built five ways with the same weights:

@@ -122,7 +122,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
 def add_bench(subparsers: argparse._SubParsersAction[_Parser]) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="time our batch norm against torch's (SPEC section 7)",
+        help="time our batch norm against torch's",
         description="Ours against torch.nn.functional.batch_norm, interleaved in one process, medians.",
     )
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (under 3 minutes on 2 cores)")
