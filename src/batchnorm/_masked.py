@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._autograd import needs_autograd_function, param_grads, parameter_dtype, without_jvp
+from ._autograd import affine, affine_tangent, needs_autograd_function, param_grads, parameter_dtype, without_jvp
 
 __all__ = ["apply_masked_batch_norm", "resolve_mask", "valid_count"]
 
@@ -115,9 +115,7 @@ def masked_normalized(x: Tensor, mask: Tensor, mean: Tensor, invstd: Tensor) -> 
 
 def masked_affine(x_hat: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """y = gamma · x̂ + beta on valid positions, 0 on padded ones: (N, C, *)."""
-    shape = backends.channel_shape(x_hat)
-    y = x_hat if weight is None else x_hat * weight.to(x_hat.dtype).view(shape)
-    return y if bias is None else torch.where(spread(mask), y + bias.to(x_hat.dtype).view(shape), 0)
+    return torch.where(spread(mask), affine(x_hat, weight, bias), 0)
 
 
 def masked_forward(
@@ -153,7 +151,7 @@ def masked_input_grad(
     """dx = gamma · r · (dy - s1/M - x̂ · s2_hat/M) on valid positions, 0 on padded ones; in eval
     (``sum_dy`` None) dx = gamma · r · dy. ``dy`` is already 0 on padded positions: (N, C, *)."""
     shape = backends.channel_shape(x_hat)
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)  # a = gamma · r, (C,)
+    scale = backends.channel_scale(invstd, weight)  # a = gamma · r, (C,)
     if sum_dy is None or sum_dy_xhat is None:
         return torch.where(spread(mask), dy * scale.view(shape), 0)
     centered = dy - (sum_dy / count).view(shape) - x_hat * (sum_dy_xhat / count).view(shape)
@@ -230,7 +228,7 @@ class MaskedBatchNormFunction(torch.autograd.Function):
         shape = backends.channel_shape(x)
         invstd = torch.rsqrt(var + ctx.eps)
         x_hat = masked_normalized(x, mask, mean, invstd)
-        t_y = torch.zeros_like(x_hat)
+        t_x_hat = None
         if t_x is not None:
             tangent = torch.where(spread(mask), t_x.to(x_hat.dtype), 0)
             if ctx.training:
@@ -239,13 +237,8 @@ class MaskedBatchNormFunction(torch.autograd.Function):
                 mean_tangent = (tangent.sum(dims) / count).view(shape)  # (N, C, *) -> (C,)
                 projection = ((x_hat * tangent).sum(dims) / count).view(shape)  # (N, C, *) -> (C,)
                 tangent = tangent - mean_tangent - x_hat * projection
-            t_y = tangent * invstd.view(shape)
-            if weight is not None:
-                t_y = t_y * weight.to(x_hat.dtype).view(shape)
-        if t_weight is not None:
-            t_y = t_y + x_hat * t_weight.to(x_hat.dtype).view(shape)
-        if t_bias is not None:
-            t_y = t_y + t_bias.to(x_hat.dtype).view(shape)
+            t_x_hat = tangent * invstd.view(shape)
+        t_y = affine_tangent(x_hat, t_x_hat, weight, t_weight, t_bias)
         return torch.where(spread(mask), t_y, 0).to(x.dtype), None, None
 
 

@@ -179,7 +179,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             return torch.zeros_like(x), None, None, None
         invstd = torch.rsqrt(var + ctx.eps)
         x_hat = normalized(x, mean, invstd) if mask is None else masked_normalized(x, mask, mean, invstd)  # (N, C, *)
-        t_y = affine_tangent(x_hat, None, weight, t_weight, t_bias)
+        t_x_hat = None
         if t_x is not None and mask is not None:
             t_x = torch.where(spread(mask), t_x, 0)  # padded tangents never enter
         if t_x is not None:
@@ -191,7 +191,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             dist.all_reduce(packed, group=ctx.group)  # (2C,) summed over the group
             mean_tangent, projection = (packed / ctx.count).view(2, -1)  # (C,), (C,)
             t_x_hat = (tangent - mean_tangent.view(shape) - x_hat * projection.view(shape)) * invstd.view(shape)
-            t_y = t_y + (t_x_hat if weight is None else t_x_hat * weight.to(x_hat.dtype).view(shape))
+        t_y = affine_tangent(x_hat, t_x_hat, weight, t_weight, t_bias)
         if mask is not None:
             t_y = torch.where(spread(mask), t_y, 0)
         return t_y.to(x.dtype), None, None, None
