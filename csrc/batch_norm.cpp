@@ -229,7 +229,7 @@ void run_moments(const T* p, int64_t n, Moments& moments) {
     double sum_c = 0, sum_cc = 0;
     run_centred_sums(p + start, len, m, sum_c, sum_cc);  // sum(c), sum(c^2), c = x - m_b
     // mean_b = m_b + sum(c) / n_b,  M2_b = sum(c^2) - sum(c)^2 / n_b
-    moments.merge(n_b, static_cast<double>(m) + sum_c / n_b, std::max(0.0, sum_cc - sum_c * sum_c / n_b));
+    moments.merge(n_b, static_cast<double>(m) + sum_c / n_b, std::max(sum_cc - sum_c * sum_c / n_b, 0.0));
   }
 }
 
@@ -252,7 +252,7 @@ void strided_runs_moments(const T* x, int64_t count, int64_t stride, int64_t L, 
     double sum_c = 0, sum_cc = 0;
     for (int64_t n = n0; n < n1; ++n) run_centred_sums(x + n * stride, L, m, sum_c, sum_cc);  // sum(c), sum(c^2)
     // mean_b = m_b + sum(c) / n_b,  M2_b = sum(c^2) - sum(c)^2 / n_b
-    moments.merge(n_b, static_cast<double>(m) + sum_c / n_b, std::max(0.0, sum_cc - sum_c * sum_c / n_b));
+    moments.merge(n_b, static_cast<double>(m) + sum_c / n_b, std::max(sum_cc - sum_c * sum_c / n_b, 0.0));
   }
 }
 
@@ -300,7 +300,7 @@ void columns_moments(const T* x, int64_t r0, int64_t r1, int64_t C, Moments* mom
     for (int64_t c = 0; c < C; ++c) {
       const double sc = sum_c[c];
       const double mean_b = static_cast<double>(m[c]) + sc * inv_nb;       // mean_b = m_b + sum(c) / n_b
-      const double m2_b = std::max(0.0, sum_cc[c] - sc * sc * inv_nb);     // M2_b = sum(c^2) - sum(c)^2 / n_b
+      const double m2_b = std::max(sum_cc[c] - sc * sc * inv_nb, 0.0);     // M2_b = sum(c^2) - sum(c)^2 / n_b
       const double d = mean_b - moments[c].mean;                           // d = mean_b - mean_a
       moments[c].mean += d * w_b;                                           // mean = mean_a + d n_b / n
       moments[c].m2 += m2_b + d * d * w_ab;                                 // M2 = M2_a + M2_b + d^2 n_a n_b / n
@@ -425,7 +425,7 @@ void forward_train_kernel(const View& v, const T* gamma, const T* beta, double e
   // Per channel, from its moments over all M values: mu = mean, var = M2 / M, r = 1/sqrt(var + eps).
   auto finish = [&](int64_t c, const Moments& total) {
     mean[c] = static_cast<T>(total.mean);                                             // mu
-    var[c] = static_cast<T>(std::max(0.0, total.m2 / total.n));                       // var = M2 / M
+    var[c] = static_cast<T>(std::max(total.m2 / total.n, 0.0));  // var = M2 / M (max(v, 0) keeps a NaN v)
     invstd[c] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(var[c]) + eps));  // r = 1/sqrt(var + eps)
   };
   if (!v.columns && by_channel(v)) {
