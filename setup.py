@@ -39,7 +39,7 @@ def _extensions() -> tuple[list[object], dict[str, object]]:
         return [], {}
     extension = CppExtension(
         "batchnorm._C",
-        ["csrc/batch_norm.cpp"],
+        ["csrc/batch_norm.cpp", "csrc/autograd.cpp"],
         # -fopenmp: at::parallel_for is a header template over `#pragma omp parallel`; without
         # the flag it silently runs on one thread. The library resolves to torch's own libgomp.
         extra_compile_args=["-O3", "-fopenmp", *_cpu_flags()],

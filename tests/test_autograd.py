@@ -40,12 +40,23 @@ def test_gradcheck_and_gradgradcheck(shape: tuple[int, ...], affine: bool, train
     assert gradgradcheck(fn, args)
 
 
-def test_backward_is_the_hand_derived_one() -> None:
-    """The graph's node is our autograd.Function, not autograd through the forward's ops."""
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+def test_backward_is_the_hand_derived_one(training: bool) -> None:
+    """The graph's node is one of ours, whose inputs are the leaves themselves: not autograd
+    through the forward's ops. The module's common call records the native node
+    (csrc/autograd.cpp), the functional form and every other route our autograd.Function."""
     x = torch.randn(4, 3, requires_grad=True)
-    y = batchnorm.BatchNorm1d(3)(x)
-    assert y.grad_fn is not None
-    assert type(y.grad_fn).__name__ == f"{BatchNormFunction.__name__}Backward"
+    bn = batchnorm.BatchNorm1d(3).train(training)
+    nodes = {
+        "module": bn(x).grad_fn,
+        "functional": batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training).grad_fn,
+    }
+    native = "BatchNormTrainFunction" if training else "BatchNormEvalFunction"
+    assert nodes["module"] is not None and nodes["module"].name() == f"torch::autograd::CppNode<batchnorm::{native}>"
+    assert type(nodes["functional"]).__name__ == f"{BatchNormFunction.__name__}Backward"
+    for node in nodes.values():
+        leaves = {type(edge).__name__ for edge, _ in node.next_functions if edge is not None}
+        assert leaves == {"AccumulateGrad"}
 
 
 def test_double_backward_matches_torch() -> None:

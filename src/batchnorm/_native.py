@@ -1,9 +1,11 @@
 """The native CPU kernels (``csrc/batch_norm.cpp``, built at install as ``batchnorm._C``).
 
 The library registers four ``torch.library`` ops, ``torch.ops.batchnorm.forward_train``,
-``forward_eval``, ``backward_train`` and ``backward_eval``, with CPU kernels; this module adds
-their fake (meta) kernels, so that ``torch.compile`` and ``torch.export`` trace them as opaque
-ops, and wraps them in the signatures of :class:`batchnorm.backends.Kernels`.
+``forward_eval``, ``backward_train`` and ``backward_eval``, with CPU kernels, autograd for the two
+forwards (their backward calls the backward ops; ``csrc/autograd.cpp``), and
+``update_running_stats_``; this module adds their fake (meta) kernels, so that ``torch.compile``
+and ``torch.export`` trace them as opaque ops, and wraps them in the signatures of
+:class:`batchnorm.backends.Kernels`.
 
 If the library cannot be loaded (no compiler at install time, an import error) :data:`AVAILABLE`
 is False, :data:`LOAD_ERROR` says why, and :mod:`batchnorm.backends` warns once and runs the
@@ -82,6 +84,20 @@ if AVAILABLE:
         count = x.shape[1] if need_param_grads else 0
         grads = x.new_empty((count,), dtype=_compute_dtype(x))
         return dx, grads, torch.empty_like(grads)
+
+
+    @torch.library.register_fake("batchnorm::update_running_stats_")  # type: ignore[untyped-decorator]
+    def _update_running_stats_fake(
+        running_mean: Tensor,
+        running_var: Tensor,
+        num_batches_tracked: Tensor | None,
+        mean: Tensor,
+        var: Tensor,
+        count: int,
+        momentum: float | None,
+        skip_nonfinite: bool,
+    ) -> None:
+        return None
 
 
 def _dense(x: Tensor) -> Tensor:

@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
+from torch.overrides import has_torch_function
 
 from . import _native
 
@@ -530,6 +532,42 @@ def _native_backward_eval(
 
 NATIVE = Kernels(_native_forward_train, _native_forward_eval, _native_backward_train, _native_backward_eval)
 """The native kernels, for the inputs they take; the eager kernels for the rest."""
+
+# Input dtype -> the dtype of its statistics and parameters on the native path (float16 and
+# bfloat16 input is computed in float32 with float32 parameters).
+NATIVE_COMPUTE_DTYPES = {
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
+}
+
+
+def native_call_allowed(*tensors: Tensor | None) -> bool:
+    """A module may run its call as one native op (:meth:`batchnorm.BatchNorm._native_call`): the
+    library is loaded and the backend is ``auto`` or ``native``, and nothing must see the call's
+    parts: no compiler, torch.func transform, forward-mode level, ``jit.trace`` recording, or
+    ``__torch_function__`` override (a mode, or a tensor subclass among ``tensors``)."""
+    return (
+        _native.AVAILABLE
+        and (_selected or os.environ.get(_ENV_VAR) or "auto") in ("auto", "native")
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+        and forward_ad._current_level < 0
+        and torch._C._get_tracing_state() is None
+        and not has_torch_function(tuple(t for t in tensors if t is not None))
+    )
+
+
+def dense_layout(x: Tensor, dims: int) -> bool:
+    """``x`` is in a layout the native kernels walk directly: contiguous, or channels_last for
+    4-D and 5-D input."""
+    return (
+        x.is_contiguous()
+        or (dims == 4 and x.is_contiguous(memory_format=torch.channels_last))
+        or (dims == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
+    )
+
 
 _native_warned = False
 

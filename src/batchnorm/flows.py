@@ -128,20 +128,16 @@ class BatchNormFlow(nn.Module):
             # Differentiable statistics: the log-determinant depends on x through var, and the
             # layers before this one must see that gradient (or they inflate their own scale freely).
             mean, var = BF.batch_norm_stats(x)  # (N, C, *) -> (C,), (C,)
-            factor = self.momentum
-            if factor is None:
-                # Cumulative moving average: the n-th batch gets weight 1/n.
-                factor = 1.0 / float(self.num_batches_tracked + 1)
             BF.update_running_stats(
                 self.running_mean,
                 self.running_var,
                 mean.detach(),
                 var.detach(),
                 x.numel() // x.shape[1],
-                factor,
+                self.momentum,
                 skip_nonfinite=True,
+                num_batches_tracked=self.num_batches_tracked,
             )
-            self.num_batches_tracked.add_(1)
             self.batch_mean, self.batch_var = mean.detach(), var.detach()
         else:
             cdt = backends.compute_dtype(x)

@@ -204,16 +204,12 @@ def batch_norm_with_stats(
     output, mean, var = normalizer(
         input, weight, bias, None if training else running_mean, None if training else running_var, eps
     )
-    if update and input.numel() > 0:
+    if update:
         assert running_mean is not None and running_var is not None
-        # Cumulative moving average: the n-th batch gets weight 1/n.
-        factor = 1.0 / float(num_batches_tracked + 1) if momentum is None else float(momentum)  # type: ignore[operator]
-        # M values per channel: the valid ones of a masked batch.
-        count = input.numel() // input.shape[1] if valid is None else valid_count(valid)
-        update_running_stats(running_mean, running_var, mean, var, count, factor, skip_nonfinite)
-    if update and num_batches_tracked is not None:
+        # M values per channel: the valid ones of a masked batch; none in an empty batch.
+        count = 0 if input.numel() == 0 else input.numel() // input.shape[1] if valid is None else valid_count(valid)
         # Counted only once the call has succeeded (torch counts before it can fail).
-        num_batches_tracked.add_(1)
+        update_running_stats(running_mean, running_var, mean, var, count, momentum, skip_nonfinite, num_batches_tracked)
     return output, mean, var
 
 
@@ -224,28 +220,47 @@ def update_running_stats(
     mean: Tensor,
     var: Tensor,
     count: int,
-    momentum: float,
+    momentum: float | None,
     skip_nonfinite: bool,
+    num_batches_tracked: Tensor | None = None,
 ) -> None:
-    """running <- (1 - m) * running + m * batch, the variance unbiased by M / (M - 1), where
-    M = ``count`` is the number of values per channel the batch statistics came from.
+    """One training step of the running statistics, and of the batch counter when given.
 
-    ``lerp_`` is that update in place: start + m * (end - start); one call updates both.
+    running <- (1 - m) * running + m * batch, the variance unbiased by M / (M - 1), where
+    M = ``count`` is the number of values per channel the batch statistics came from; ``lerp_``
+    is that update in place (start + m * (end - start)). m = ``momentum``, or 1 / n for the n-th
+    batch counted (``momentum=None``: the cumulative average). ``count=0`` (an empty batch) leaves
+    the statistics alone but counts the batch, as torch does.
+
+    ``skip_nonfinite``: a channel whose batch statistics are NaN/Inf keeps its running statistics
+    this step. With the cumulative average, a batch with any such channel is left out whole and
+    not counted, so that every channel keeps averaging the same batches with the one counter.
     """
-    batch_mean = mean.to(running_mean.dtype)
-    batch_var = (var * (count / (count - 1))).to(running_var.dtype)
-    if skip_nonfinite:
-        # A channel whose batch statistics are NaN/Inf keeps its running statistics this step:
-        # lerp towards the running value itself is the identity.
-        finite = torch.isfinite(batch_mean).logical_and_(torch.isfinite(batch_var))
-        batch_mean = torch.where(finite, batch_mean, running_mean)
-        batch_var = torch.where(finite, batch_var, running_var)
-    if backends.functorch_active():
-        # vmap has no batching rule for the fused forms (model ensembling batches the buffers).
-        running_mean.mul_(1 - momentum).add_(batch_mean, alpha=momentum)
-        running_var.mul_(1 - momentum).add_(batch_var, alpha=momentum)
-    else:
-        torch._foreach_lerp_([running_mean, running_var], [batch_mean, batch_var], momentum)
+    if count > 0:
+        batch_mean = mean.to(running_mean.dtype)
+        batch_var = (var * (count / (count - 1))).to(running_var.dtype)
+        finite = None
+        if skip_nonfinite:
+            finite = torch.isfinite(batch_mean).logical_and_(torch.isfinite(batch_var))
+            if momentum is None and not bool(finite.all()):
+                return
+            # lerp towards the running value itself is the identity.
+            batch_mean = torch.where(finite, batch_mean, running_mean)
+            batch_var = torch.where(finite, batch_var, running_var)
+        if momentum is None:
+            if num_batches_tracked is None:
+                raise TypeError("update_running_stats: the cumulative average (momentum None) needs num_batches_tracked")
+            factor = 1.0 / float(num_batches_tracked + 1)
+        else:
+            factor = float(momentum)
+        if backends.functorch_active():
+            # vmap has no batching rule for the fused forms (model ensembling batches the buffers).
+            running_mean.mul_(1 - factor).add_(batch_mean, alpha=factor)
+            running_var.mul_(1 - factor).add_(batch_var, alpha=factor)
+        else:
+            torch._foreach_lerp_([running_mean, running_var], [batch_mean, batch_var], factor)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ expected input rank.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -151,11 +152,72 @@ class _BatchNormBase(_BatchNorm):
                 )
 
     def forward(self, input: Tensor, *, mask: Tensor | None = None, lengths: Tensor | None = None) -> Tensor:
+        if mask is None and lengths is None:
+            output = self._native_call(input)
+            if output is not None:
+                return output
         traced = fx_leaf_call(self, input, mask=mask, lengths=lengths)
         if traced is not None:
             return traced  # type: ignore[no-any-return]
         output, _, _ = self._batch_norm(input, apply_batch_norm, mask=mask, lengths=lengths)
         return output
+
+    def _native_call(self, input: Tensor) -> Tensor | None:
+        """The common call as one native op per direction, after O(1) checks; None where
+        :meth:`_batch_norm` must run instead.
+
+        Plain CPU tensors of the native dtypes in a layout the kernels walk, outside every
+        transform and tracer, with arguments the general path would accept: then the forward is
+        ``batchnorm::forward_train`` (or ``forward_eval``), whose autograd and backward are native
+        too (``csrc/autograd.cpp``), and the running statistics and counter are updated by
+        ``batchnorm::update_running_stats_``, with :func:`batchnorm.functional.update_running_stats`'s
+        semantics. Anything else (a wrong shape, eps or dtype included) takes the general path,
+        which validates it and names the problem.
+        """
+        weight, bias, running_mean, running_var = self.weight, self.bias, self.running_mean, self.running_var
+        if not (type(input) is Tensor and input.is_cpu and backends.native_call_allowed(input, weight, bias, running_mean, running_var)):
+            return None
+        shape = input.shape
+        dims = len(shape)
+        if (dims < 2 or (self._input_dims is not None and dims not in self._input_dims)) or shape[1] != self.num_features:
+            return None
+        compute = backends.NATIVE_COMPUTE_DTYPES.get(input.dtype)
+        if compute is None or not backends.dense_layout(input, dims):
+            return None
+        for tensor in (weight, bias, running_mean, running_var):
+            if tensor is not None and (tensor.dtype != compute or not tensor.is_cpu):
+                return None
+        values_per_channel = input.numel() // shape[1]
+        use_batch_stats = self.training or (running_mean is None and running_var is None)
+        eps, momentum = self.eps, self.momentum
+        if type(eps) is not float or not (0.0 < eps < math.inf if use_batch_stats else 0.0 <= eps < math.inf):
+            return None
+        if use_batch_stats:
+            update = self.training and self.track_running_stats and running_mean is not None and running_var is not None
+            counter = self.num_batches_tracked
+            if values_per_channel < 2 or (
+                update
+                and (
+                    running_mean.requires_grad  # type: ignore[union-attr]
+                    or running_var.requires_grad  # type: ignore[union-attr]
+                    or not (momentum is None or (type(momentum) is float and -math.inf < momentum < math.inf))
+                    or (momentum is None and counter is None)
+                )
+            ):
+                return None
+            output, mean, var, _ = torch.ops.batchnorm.forward_train(input, weight, bias, eps)
+            if update:
+                torch.ops.batchnorm.update_running_stats_(
+                    running_mean, running_var, counter, mean, var, values_per_channel, momentum, self.skip_nonfinite
+                )
+            self.batch_mean, self.batch_var = mean, var
+            return output  # type: ignore[no-any-return]
+        if running_mean is None or running_var is None or running_mean.requires_grad or running_var.requires_grad:
+            return None
+        if values_per_channel == 0:
+            return None
+        output, _ = torch.ops.batchnorm.forward_eval(input, running_mean, running_var, weight, bias, eps)
+        return output  # type: ignore[no-any-return]
 
     def _batch_norm(
         self,

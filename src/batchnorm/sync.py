@@ -274,22 +274,23 @@ class SyncBatchNorm(BatchNorm):
         update = self.track_running_stats
         running_mean = self.running_mean if update else None
         running_var = self.running_var if update else None
-        factor: float = 0.0 if self.momentum is None else self.momentum
-        counter = self.num_batches_tracked
-        if update and counter is not None and self.momentum is None:
-            # Cumulative moving average: the n-th batch gets weight 1/n.
-            factor = 1.0 / float(counter + 1)
         BF.check_arguments(
-            input, running_mean, running_var, self.weight, self.bias, True, factor, self.eps, self._describe()
+            input, running_mean, running_var, self.weight, self.bias, True, self.momentum, self.eps, self._describe()
         )
         output, mean, var, count = (
             _SyncBatchNormFunctionNoJvp if torch.compiler.is_compiling() else _SyncBatchNormFunction
         ).apply(input, self.weight, self.bias, self.eps, self.process_group, world_size, valid)
-        n = int(count.item())
-        if running_mean is not None and running_var is not None and n > 0:
-            BF.update_running_stats(running_mean, running_var, mean, var, n, factor, self.skip_nonfinite)
-        if update and counter is not None:
-            counter.add_(1)
+        if running_mean is not None and running_var is not None:
+            BF.update_running_stats(
+                running_mean,
+                running_var,
+                mean,
+                var,
+                int(count.item()),
+                self.momentum,
+                self.skip_nonfinite,
+                self.num_batches_tracked,
+            )
         if batch_statistics_observable():
             self.batch_mean = mean.detach()
             self.batch_var = var.detach()
