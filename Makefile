@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 # The native kernels (setup.py, csrc/) build against the installed torch, so without pip's build
 # isolation: torch and the build tools first, then the package.
-$(STAMP): pyproject.toml setup.py csrc/batch_norm.cpp constraints.txt
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h) constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt setuptools wheel torch
