@@ -6,8 +6,9 @@
 //     x : input (N, C, *), contiguous, viewed as (N, C, L)
 //     mask : (N, *) viewed as (N, L), true on the valid positions V;  M = |V|, every channel's count
 //     mu = (1/M) sum_V x,   var = (1/M) sum_V (x - mu)^2,   r = 1 / sqrt(var + eps),   a = gamma * r
-//     training:   y = (x - mu) * a + beta on V, 0 on padded positions
-//     inference:  y = x * a + b on V (b = beta - mu * a), 0 on padded positions
+//     y = (x - mu) * a + beta on V, 0 on padded positions  (batch statistics, or given ones in
+//         inference; centred first, as the reference, since SyncBatchNorm normalizes its training
+//         batch with given global statistics, and x * a + b would cancel digits when |mu| >> sigma)
 //     s1 = sum_V dy,   s2 = sum_V dy * (x - mu);   dbeta = s1,   dgamma = s2 * r  (= s2_hat = sum_V dy * x̂)
 //     training:   dx = dy * a + (x - mu) * p + q on V, 0 on padded positions,
 //                 p = -a r^2 s2 / M,  q = -a s1 / M   (= a (dy - s1/M - x̂ s2_hat/M))
@@ -221,16 +222,15 @@ void by_density(const Piece& s, const F& f) {
   }
 }
 
-// out = (x - mu) * a + shift on V, 0 elsewhere: training y (shift = beta); with mu = 0 and
-// shift = b, inference y = x * a + b.
+// y = (x - mu) * a + beta on V, 0 elsewhere.
 template <typename T>
-void row_affine(const MaskPlan<T>& plan, int64_t n, const T* x, T* out, T mu, T a, T shift) {
-  const Vec<T> vmu(mu), va(a), vs(shift);
+void row_affine(const MaskPlan<T>& plan, int64_t n, const T* x, T* out, T mu, T a, T beta) {
+  const Vec<T> vmu(mu), va(a), vs(beta);
   by_density(plan.samples[n], [&](auto dense) {
     row_map<decltype(dense)::value>(
         out, plan.L, plan.samples[n], plan.select_row(n), plan.mask_row(n),
         [&](int64_t i) { return at::vec::fmadd(Vec<T>::loadu(x + i) - vmu, va, vs); },
-        [&](int64_t i) { return (x[i] - mu) * a + shift; });
+        [&](int64_t i) { return (x[i] - mu) * a + beta; });
   });
 }
 
@@ -480,17 +480,18 @@ std::tuple<Tensor, Tensor> masked_forward_eval(const Tensor& input, const Tensor
   const Tensor mu = mean.to(cdt).contiguous();
   const Tensor invstd = at::rsqrt(var.to(cdt) + eps).contiguous();            // r = 1/sqrt(var + eps)
   const Tensor a = (param_or(weight, o.C, cdt, 1.0) * invstd).contiguous();  // a = gamma * r
-  const Tensor b = (param_or(bias, o.C, cdt, 0.0) - mu * a).contiguous();    // b = beta - mu * a
+  const Tensor beta = param_or(bias, o.C, cdt, 0.0);
   Tensor y = at::empty_like(o.x);
   AT_DISPATCH_FLOATING_TYPES(cdt, "batchnorm_masked_forward_eval", [&] {
     const MaskPlan<scalar_t> plan(o.mask, o.N, o.L);
-    const scalar_t *ap = a.const_data_ptr<scalar_t>(), *bp = b.const_data_ptr<scalar_t>();
+    const scalar_t *mp = mu.const_data_ptr<scalar_t>(), *ap = a.const_data_ptr<scalar_t>();
+    const scalar_t* bp = beta.const_data_ptr<scalar_t>();
     const scalar_t* x = o.x.const_data_ptr<scalar_t>();
     scalar_t* out = y.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, o.N * o.C, run_grain(o.L), [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {  // y = x * a + b on V, 0 elsewhere
+      for (int64_t k = begin; k < end; ++k) {  // y = (x - mu) * a + beta on V, 0 elsewhere
         const int64_t c = k % o.C;
-        row_affine(plan, k / o.C, x + k * o.L, out + k * o.L, scalar_t(0), ap[c], bp[c]);
+        row_affine(plan, k / o.C, x + k * o.L, out + k * o.L, mp[c], ap[c], bp[c]);
       }
     });
   });
