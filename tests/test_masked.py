@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -295,32 +294,79 @@ def test_bad_mask_raises_before_any_change(name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# SyncBatchNorm on two gloo ranks: uneven batches, one rank fully padded in the second step.
+# SyncBatchNorm with masks on gloo ranks, against torch's F.batch_norm on the valid values of all
+# ranks gathered. One spawn of four ranks runs every case: the four-rank cases on the default
+# group, the two-rank case on a group of ranks 0 and 1.
 # ---------------------------------------------------------------------------------------------
 
-SYNC_SIZES = (3, 2)
+
+@dataclass(frozen=True)
+class SyncCase:
+    name: str
+    sizes: tuple[int, ...]  # each rank's batch size
+    tail: tuple[int, ...] = (5,)  # dimensions after (N, C)
+    padded: tuple[tuple[int, ...], ...] = ((), ())  # per step, the ranks without any valid value
+    lengths: bool = False  # lengths= (prefix masks) instead of mask=
+    dtype: torch.dtype = torch.float64
 
 
-def sync_data() -> dict[str, Any]:
-    gen = torch.Generator().manual_seed(6)
-    shape = (sum(SYNC_SIZES), 3, 5)
-    masks = [torch.rand(shape[0], 5, generator=gen) < 0.6 for _ in range(STEPS)]
-    masks[0][0, :2] = True
-    masks[1][:2, :3] = True
-    masks[1][3:] = False  # rank 1 has no valid value in step 2
-    return {
-        "x": [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(STEPS)],
-        "dy": [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(STEPS)],
-        "mask": masks,
-    }
+SYNC_CASES_2 = [SyncCase("two_ranks_uneven_one_padded", (3, 2), padded=((), (1,)))]
+SYNC_CASES_4 = [
+    SyncCase("uneven", (3, 1, 2, 4), (6,)),
+    SyncCase("empty_rank", (2, 0, 3, 2)),
+    SyncCase("padded_ranks", (2, 3, 1, 2), padded=((2,), (0, 2))),
+    SyncCase("lengths_2d", (1, 2, 2, 3), (3, 7), padded=((), (3,)), lengths=True),
+    SyncCase("float32", (4, 2, 3, 1), (33,), dtype=torch.float32),
+]
+SYNC_CHANNELS = 3
 
 
-def sync_steps(bn: BatchNorm, rows: slice) -> dict[str, list[Tensor]]:
-    data = sync_data()
+def sync_rows(case: SyncCase, rank: int) -> slice:
+    start = sum(case.sizes[:rank])
+    return slice(start, start + case.sizes[rank])
+
+
+def sync_data(case: SyncCase) -> dict[str, Any]:
+    """The global batch of a case, identical in every process: x (offset from 0, so that lost
+    digits would show), dy, and per step the mask and, for ``lengths`` cases, the lengths."""
+    gen = torch.Generator().manual_seed(sum(map(ord, case.name)))
+    shape = (sum(case.sizes), SYNC_CHANNELS, *case.tail)
+    n, size = shape[0], shape[-1]
+    data: dict[str, Any] = {"x": [], "dy": [], "mask": [], "lengths": []}
+    for padded in case.padded:
+        lengths = torch.randint(0, size + 1, (n,), generator=gen)  # (N,)
+        mask = torch.rand((n, *case.tail), generator=gen) < 0.6
+        live = next(rank for rank, count in enumerate(case.sizes) if count > 0 and rank not in padded)
+        lengths[sync_rows(case, live).start] = size  # at least two valid values over the group
+        mask[sync_rows(case, live).start] = True
+        for rank in padded:
+            lengths[sync_rows(case, rank)] = 0
+            mask[sync_rows(case, rank)] = False
+        if case.lengths:
+            prefix = torch.arange(size) < lengths.view(-1, *([1] * len(case.tail)))  # (N, 1.., L)
+            mask = prefix.expand(n, *case.tail)
+        data["mask"].append(mask)
+        data["lengths"].append(lengths)
+        data["x"].append((torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 40).to(case.dtype))
+        data["dy"].append(torch.randn(shape, generator=gen, dtype=torch.float64).to(case.dtype))
+    data["weight"] = torch.rand(SYNC_CHANNELS, generator=gen, dtype=torch.float64).add(0.5).to(case.dtype)
+    data["bias"] = torch.randn(SYNC_CHANNELS, generator=gen, dtype=torch.float64).to(case.dtype)
+    return data
+
+
+def sync_steps(case: SyncCase, rank: int, group: Any) -> dict[str, list[Tensor]]:
+    """One rank's training steps of a case: what it saw."""
+    data = sync_data(case)
+    rows = sync_rows(case, rank)
+    bn = SyncBatchNorm(SYNC_CHANNELS, process_group=group, dtype=case.dtype)
+    with torch.no_grad():
+        bn.weight.copy_(data["weight"])
+        bn.bias.copy_(data["bias"])
     seen: dict[str, list[Tensor]] = {"y": [], "dx": [], "dweight": [], "dbias": []}
-    for step in range(STEPS):
+    for step in range(len(case.padded)):
         x = data["x"][step][rows].clone().requires_grad_(True)
-        y = bn(x, mask=data["mask"][step][rows])
+        keyword = {"lengths": data["lengths"][step][rows]} if case.lengths else {"mask": data["mask"][step][rows]}
+        y = bn(x, **keyword)
         (y * data["dy"][step][rows]).sum().backward()
         assert x.grad is not None and bn.weight.grad is not None and bn.bias.grad is not None
         seen["y"].append(y.detach())
@@ -332,55 +378,67 @@ def sync_steps(bn: BatchNorm, rows: slice) -> dict[str, list[Tensor]]:
     return seen
 
 
-def sync_oracle() -> dict[str, list[Tensor]]:
-    """What the ranks must see: torch's F.batch_norm on the valid values of all ranks gathered."""
-    data = sync_data()
-    weight = torch.ones(3, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    running_mean, running_var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+def sync_oracle(case: SyncCase) -> dict[str, list[Tensor]]:
+    """What the ranks must see together: F.batch_norm in float64 on the gathered valid values."""
+    data = sync_data(case)
+    weight = data["weight"].double().requires_grad_(True)
+    bias = data["bias"].double().requires_grad_(True)
+    running_mean = torch.zeros(SYNC_CHANNELS, dtype=torch.float64)
+    running_var = torch.ones(SYNC_CHANNELS, dtype=torch.float64)
     seen: dict[str, list[Tensor]] = {"y": [], "dx": [], "dweight": [], "dbias": []}
-    for step in range(STEPS):
-        x, mask = data["x"][step], data["mask"][step]
-        rows = gather(x, mask).requires_grad_(True)  # (M, C) over both ranks
+    for step in range(len(case.padded)):
+        x, mask = data["x"][step].double(), data["mask"][step]
+        rows = gather(x, mask).requires_grad_(True)  # (M, C) over all ranks
         y = F.batch_norm(rows, running_mean, running_var, weight, bias, True)
-        (y * gather(data["dy"][step], mask)).sum().backward()
+        (y * gather(data["dy"][step].double(), mask)).sum().backward()
         assert rows.grad is not None and weight.grad is not None and bias.grad is not None
         seen["y"].append(scatter(y.detach(), mask, x))
         seen["dx"].append(scatter(rows.grad, mask, x))
         seen["dweight"].append(weight.grad.clone())
         seen["dbias"].append(bias.grad.clone())
         weight.grad = bias.grad = None
-    seen["running"] = [running_mean, running_var, torch.tensor(STEPS)]
+    seen["running"] = [running_mean, running_var, torch.tensor(len(case.padded))]
     return seen
 
 
 def _sync_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        start = sum(SYNC_SIZES[:rank])
-        seen = sync_steps(SyncBatchNorm(3, dtype=torch.float64), slice(start, start + SYNC_SIZES[rank]))
+        pair = dist.new_group([0, 1])  # every rank creates every group
+        seen = {case.name: sync_steps(case, rank, None) for case in SYNC_CASES_4}
+        if rank < 2:
+            seen.update({case.name: sync_steps(case, rank, pair) for case in SYNC_CASES_2})
         torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_sync_batch_norm_with_masks_on_two_ranks(tmp_path: Path) -> None:
-    """Per-rank valid counts (uneven, one rank fully padded) merge to the global batch's statistics."""
+@pytest.fixture(scope="module")
+def sync_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Four gloo ranks, spawned once for every case (process start-up dominates the run time)."""
     from tests.test_sync import spawn_worker
 
-    ranks = spawn_worker(_sync_worker, len(SYNC_SIZES), tmp_path)
-    expected = sync_oracle()
-    tol = tolerance(torch.float64)
-    for step in range(STEPS):
+    return spawn_worker(_sync_worker, 4, tmp_path_factory.mktemp("gloo_masked"))
+
+
+@pytest.mark.parametrize("case", SYNC_CASES_4 + SYNC_CASES_2, ids=lambda case: case.name)
+def test_sync_batch_norm_with_masks(case: SyncCase, sync_ranks: list[dict[str, Any]]) -> None:
+    """Per-rank valid counts (uneven, an empty rank, fully padded ranks) merge to the statistics of
+    all ranks' valid values: outputs, gradients and running statistics."""
+    ranks = [sync_ranks[rank][case.name] for rank in range(len(case.sizes))]
+    expected = sync_oracle(case)
+    tol = tolerance(case.dtype)
+    for step in range(len(case.padded)):
         for key in ("y", "dx"):
-            got = torch.cat([ranks[rank][key][step] for rank in range(len(SYNC_SIZES))])
-            torch.testing.assert_close(got, expected[key][step], **tol)
+            got = torch.cat([seen[key][step] for seen in ranks])
+            assert got.dtype == case.dtype
+            torch.testing.assert_close(got.double(), expected[key][step], **tol, msg=f"{key} step {step}")
         for key in ("dweight", "dbias"):
-            summed = sum(ranks[rank][key][step] for rank in range(len(SYNC_SIZES)))
-            torch.testing.assert_close(summed, expected[key][step], **tol)
-    for rank in range(len(SYNC_SIZES)):
-        for a, b in zip(ranks[rank]["running"], expected["running"], strict=True):
-            torch.testing.assert_close(a, b, **tol)
+            summed = sum(seen[key][step].double() for seen in ranks)
+            torch.testing.assert_close(summed, expected[key][step], **tol, msg=f"{key} step {step}")
+    for rank, seen in enumerate(ranks):
+        for name, a, b in zip(("mean", "var", "counter"), seen["running"], expected["running"], strict=True):
+            torch.testing.assert_close(a.double(), b.double(), **tol, msg=f"rank {rank} running {name}")
 
 
 # ---------------------------------------------------------------------------------------------
