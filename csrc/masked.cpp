@@ -366,6 +366,7 @@ void grad_sums_kernel(const MaskPlan<T>& plan, int64_t C, const T* dy, const T* 
                       double* s2) {
   const int64_t L = plan.L, G = plan.num_groups(), stride = C * L;
   std::vector<double> p1(C * G, 0.0), p2(C * G, 0.0);
+  // Tasks t = (c, g); with enough channels a thread takes whole channels (grain G).
   at::parallel_for(0, C * G, by_channel(C) ? G : 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t c = t / G;
