@@ -39,7 +39,8 @@ def _extensions() -> tuple[list[object], dict[str, object]]:
         return [], {}
     extension = CppExtension(
         "batchnorm._C",
-        ["csrc/batch_norm.cpp", "csrc/autograd.cpp"],
+        ["csrc/batch_norm.cpp", "csrc/masked.cpp", "csrc/autograd.cpp"],
+        depends=["csrc/common.h"],  # a header change rebuilds every file
         # -fopenmp: at::parallel_for is a header template over `#pragma omp parallel`; without
         # the flag it silently runs on one thread. The library resolves to torch's own libgomp.
         extra_compile_args=["-O3", "-fopenmp", *_cpu_flags()],

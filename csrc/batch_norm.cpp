@@ -37,14 +37,18 @@
 #include <tuple>
 #include <vector>
 
+#include "common.h"
+
 namespace {
 
 using at::Tensor;
-template <typename T>
-using Vec = at::vec::Vectorized<T>;
+using batchnorm_native::compute_type;
+using batchnorm_native::kBlock;
+using batchnorm_native::Moments;
+using batchnorm_native::param_or;
+using batchnorm_native::Vec;
+using batchnorm_native::widen;
 
-// float32 lanes accumulate at most this many values before they are added into float64.
-constexpr int64_t kBlock = 4096;
 // Rows of an (R, C) matrix that one chunk of the column reductions covers, at least.
 constexpr int64_t kMinRowsPerChunk = 16;
 
@@ -202,21 +206,6 @@ template <typename T>
 void flush(const std::vector<T>& lanes, double* acc, int64_t C) {
   for (int64_t c = 0; c < C; ++c) acc[c] += lanes[c];
 }
-
-// Running statistics of one channel over the values seen so far: count n, mean, and M2, the sum
-// of squared deviations from the mean (var = M2 / n).
-struct Moments {
-  double n = 0, mean = 0, m2 = 0;
-  // Merges a disjoint part (Chan, Golub & LeVeque's pairwise update):
-  //   n = n_a + n_b,  d = mean_b - mean_a,  mean = mean_a + d n_b / n,  M2 = M2_a + M2_b + d^2 n_a n_b / n.
-  void merge(double n_b, double mean_b, double m2_b) {
-    if (n_b == 0) return;
-    const double total = n + n_b, d = mean_b - mean;
-    mean += d * n_b / total;
-    m2 += m2_b + d * d * n * n_b / total;
-    n = total;
-  }
-};
 
 // Moments of one contiguous run p[0..n) ("rows" layout), kBlock values at a time: per block the
 // corrected two-pass algorithm on data still in L1 (as columns_moments), blocks merged.
@@ -401,18 +390,6 @@ std::vector<T> expand(const T* v, int64_t C, int64_t per) {
 
 // Parallel over channels when every thread gets a few; over rows otherwise.
 bool by_channel(const View& v) { return v.C >= 4 * at::get_num_threads() || v.N == 1; }
-
-at::ScalarType compute_type(const Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// A (C,) parameter in the compute type, or `fill` where it is absent.
-Tensor param_or(const std::optional<Tensor>& p, int64_t C, at::ScalarType dtype, double fill) {
-  if (p.has_value() && p->defined()) return p->to(dtype).contiguous();
-  return at::full({C}, fill, at::TensorOptions().dtype(dtype));
-}
-
-Tensor widen(const Tensor& t) { return t.scalar_type() == at::kDouble ? t : t.to(at::kFloat); }
 
 // ---------------------------------------------------------------------------------------------
 // Training forward

@@ -7,8 +7,8 @@ Padded positions must come out as exactly 0 and receive exactly 0 gradient whate
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import batchnorm
-from batchnorm import BatchNorm, SyncBatchNorm
+from batchnorm import BatchNorm, SyncBatchNorm, _masked, _native
 from batchnorm.functional import batch_norm
 
 STEPS = 2
@@ -294,32 +294,79 @@ def test_bad_mask_raises_before_any_change(name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# SyncBatchNorm on two gloo ranks: uneven batches, one rank fully padded in the second step.
+# SyncBatchNorm with masks on gloo ranks, against torch's F.batch_norm on the valid values of all
+# ranks gathered. One spawn of four ranks runs every case: the four-rank cases on the default
+# group, the two-rank case on a group of ranks 0 and 1.
 # ---------------------------------------------------------------------------------------------
 
-SYNC_SIZES = (3, 2)
+
+@dataclass(frozen=True)
+class SyncCase:
+    name: str
+    sizes: tuple[int, ...]  # each rank's batch size
+    tail: tuple[int, ...] = (5,)  # dimensions after (N, C)
+    padded: tuple[tuple[int, ...], ...] = ((), ())  # per step, the ranks without any valid value
+    lengths: bool = False  # lengths= (prefix masks) instead of mask=
+    dtype: torch.dtype = torch.float64
 
 
-def sync_data() -> dict[str, Any]:
-    gen = torch.Generator().manual_seed(6)
-    shape = (sum(SYNC_SIZES), 3, 5)
-    masks = [torch.rand(shape[0], 5, generator=gen) < 0.6 for _ in range(STEPS)]
-    masks[0][0, :2] = True
-    masks[1][:2, :3] = True
-    masks[1][3:] = False  # rank 1 has no valid value in step 2
-    return {
-        "x": [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(STEPS)],
-        "dy": [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(STEPS)],
-        "mask": masks,
-    }
+SYNC_CASES_2 = [SyncCase("two_ranks_uneven_one_padded", (3, 2), padded=((), (1,)))]
+SYNC_CASES_4 = [
+    SyncCase("uneven", (3, 1, 2, 4), (6,)),
+    SyncCase("empty_rank", (2, 0, 3, 2)),
+    SyncCase("padded_ranks", (2, 3, 1, 2), padded=((2,), (0, 2))),
+    SyncCase("lengths_2d", (1, 2, 2, 3), (3, 7), padded=((), (3,)), lengths=True),
+    SyncCase("float32", (4, 2, 3, 1), (33,), dtype=torch.float32),
+]
+SYNC_CHANNELS = 3
 
 
-def sync_steps(bn: BatchNorm, rows: slice) -> dict[str, list[Tensor]]:
-    data = sync_data()
+def sync_rows(case: SyncCase, rank: int) -> slice:
+    start = sum(case.sizes[:rank])
+    return slice(start, start + case.sizes[rank])
+
+
+def sync_data(case: SyncCase) -> dict[str, Any]:
+    """The global batch of a case, identical in every process: x (offset from 0, so that lost
+    digits would show), dy, and per step the mask and, for ``lengths`` cases, the lengths."""
+    gen = torch.Generator().manual_seed(sum(map(ord, case.name)))
+    shape = (sum(case.sizes), SYNC_CHANNELS, *case.tail)
+    n, size = shape[0], shape[-1]
+    data: dict[str, Any] = {"x": [], "dy": [], "mask": [], "lengths": []}
+    for padded in case.padded:
+        lengths = torch.randint(0, size + 1, (n,), generator=gen)  # (N,)
+        mask = torch.rand((n, *case.tail), generator=gen) < 0.6
+        live = next(rank for rank, count in enumerate(case.sizes) if count > 0 and rank not in padded)
+        lengths[sync_rows(case, live).start] = size  # at least two valid values over the group
+        mask[sync_rows(case, live).start] = True
+        for rank in padded:
+            lengths[sync_rows(case, rank)] = 0
+            mask[sync_rows(case, rank)] = False
+        if case.lengths:
+            prefix = torch.arange(size) < lengths.view(-1, *([1] * len(case.tail)))  # (N, 1.., L)
+            mask = prefix.expand(n, *case.tail)
+        data["mask"].append(mask)
+        data["lengths"].append(lengths)
+        data["x"].append((torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 40).to(case.dtype))
+        data["dy"].append(torch.randn(shape, generator=gen, dtype=torch.float64).to(case.dtype))
+    data["weight"] = torch.rand(SYNC_CHANNELS, generator=gen, dtype=torch.float64).add(0.5).to(case.dtype)
+    data["bias"] = torch.randn(SYNC_CHANNELS, generator=gen, dtype=torch.float64).to(case.dtype)
+    return data
+
+
+def sync_steps(case: SyncCase, rank: int, group: Any) -> dict[str, list[Tensor]]:
+    """One rank's training steps of a case: what it saw."""
+    data = sync_data(case)
+    rows = sync_rows(case, rank)
+    bn = SyncBatchNorm(SYNC_CHANNELS, process_group=group, dtype=case.dtype)
+    with torch.no_grad():
+        bn.weight.copy_(data["weight"])
+        bn.bias.copy_(data["bias"])
     seen: dict[str, list[Tensor]] = {"y": [], "dx": [], "dweight": [], "dbias": []}
-    for step in range(STEPS):
+    for step in range(len(case.padded)):
         x = data["x"][step][rows].clone().requires_grad_(True)
-        y = bn(x, mask=data["mask"][step][rows])
+        keyword = {"lengths": data["lengths"][step][rows]} if case.lengths else {"mask": data["mask"][step][rows]}
+        y = bn(x, **keyword)
         (y * data["dy"][step][rows]).sum().backward()
         assert x.grad is not None and bn.weight.grad is not None and bn.bias.grad is not None
         seen["y"].append(y.detach())
@@ -331,52 +378,287 @@ def sync_steps(bn: BatchNorm, rows: slice) -> dict[str, list[Tensor]]:
     return seen
 
 
-def sync_oracle() -> dict[str, list[Tensor]]:
-    """What the ranks must see: torch's F.batch_norm on the valid values of all ranks gathered."""
-    data = sync_data()
-    weight = torch.ones(3, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    running_mean, running_var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+def sync_oracle(case: SyncCase) -> dict[str, list[Tensor]]:
+    """What the ranks must see together: F.batch_norm in float64 on the gathered valid values."""
+    data = sync_data(case)
+    weight = data["weight"].double().requires_grad_(True)
+    bias = data["bias"].double().requires_grad_(True)
+    running_mean = torch.zeros(SYNC_CHANNELS, dtype=torch.float64)
+    running_var = torch.ones(SYNC_CHANNELS, dtype=torch.float64)
     seen: dict[str, list[Tensor]] = {"y": [], "dx": [], "dweight": [], "dbias": []}
-    for step in range(STEPS):
-        x, mask = data["x"][step], data["mask"][step]
-        rows = gather(x, mask).requires_grad_(True)  # (M, C) over both ranks
+    for step in range(len(case.padded)):
+        x, mask = data["x"][step].double(), data["mask"][step]
+        rows = gather(x, mask).requires_grad_(True)  # (M, C) over all ranks
         y = F.batch_norm(rows, running_mean, running_var, weight, bias, True)
-        (y * gather(data["dy"][step], mask)).sum().backward()
+        (y * gather(data["dy"][step].double(), mask)).sum().backward()
         assert rows.grad is not None and weight.grad is not None and bias.grad is not None
         seen["y"].append(scatter(y.detach(), mask, x))
         seen["dx"].append(scatter(rows.grad, mask, x))
         seen["dweight"].append(weight.grad.clone())
         seen["dbias"].append(bias.grad.clone())
         weight.grad = bias.grad = None
-    seen["running"] = [running_mean, running_var, torch.tensor(STEPS)]
+    seen["running"] = [running_mean, running_var, torch.tensor(len(case.padded))]
     return seen
 
 
 def _sync_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        start = sum(SYNC_SIZES[:rank])
-        seen = sync_steps(SyncBatchNorm(3, dtype=torch.float64), slice(start, start + SYNC_SIZES[rank]))
+        pair = dist.new_group([0, 1])  # every rank creates every group
+        seen = {case.name: sync_steps(case, rank, None) for case in SYNC_CASES_4}
+        if rank < 2:
+            seen.update({case.name: sync_steps(case, rank, pair) for case in SYNC_CASES_2})
         torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_sync_batch_norm_with_masks_on_two_ranks(tmp_path: Path) -> None:
-    """Per-rank valid counts (uneven, one rank fully padded) merge to the global batch's statistics."""
+@pytest.fixture(scope="module")
+def sync_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Four gloo ranks, spawned once for every case (process start-up dominates the run time)."""
     from tests.test_sync import spawn_worker
 
-    ranks = spawn_worker(_sync_worker, len(SYNC_SIZES), tmp_path)
-    expected = sync_oracle()
-    tol = tolerance(torch.float64)
-    for step in range(STEPS):
+    return spawn_worker(_sync_worker, 4, tmp_path_factory.mktemp("gloo_masked"))
+
+
+@pytest.mark.parametrize("case", SYNC_CASES_4 + SYNC_CASES_2, ids=lambda case: case.name)
+def test_sync_batch_norm_with_masks(case: SyncCase, sync_ranks: list[dict[str, Any]]) -> None:
+    """Per-rank valid counts (uneven, an empty rank, fully padded ranks) merge to the statistics of
+    all ranks' valid values: outputs, gradients and running statistics."""
+    ranks = [sync_ranks[rank][case.name] for rank in range(len(case.sizes))]
+    expected = sync_oracle(case)
+    tol = tolerance(case.dtype)
+    for step in range(len(case.padded)):
         for key in ("y", "dx"):
-            got = torch.cat([ranks[rank][key][step] for rank in range(len(SYNC_SIZES))])
-            torch.testing.assert_close(got, expected[key][step], **tol)
+            got = torch.cat([seen[key][step] for seen in ranks])
+            assert got.dtype == case.dtype
+            torch.testing.assert_close(got.double(), expected[key][step], **tol, msg=f"{key} step {step}")
         for key in ("dweight", "dbias"):
-            summed = sum(ranks[rank][key][step] for rank in range(len(SYNC_SIZES)))
-            torch.testing.assert_close(summed, expected[key][step], **tol)
-    for rank in range(len(SYNC_SIZES)):
-        for a, b in zip(ranks[rank]["running"], expected["running"], strict=True):
-            torch.testing.assert_close(a, b, **tol)
+            summed = sum(seen[key][step].double() for seen in ranks)
+            torch.testing.assert_close(summed, expected[key][step], **tol, msg=f"{key} step {step}")
+    for rank, seen in enumerate(ranks):
+        for name, a, b in zip(("mean", "var", "counter"), seen["running"], expected["running"], strict=True):
+            torch.testing.assert_close(a.double(), b.double(), **tol, msg=f"rank {rank} running {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The native kernels (csrc/masked.cpp) against the eager masked path and the gathered oracle.
+# ---------------------------------------------------------------------------------------------
+
+needs_native = pytest.mark.skipif(not _native.AVAILABLE, reason=f"native kernels not built: {_native.LOAD_ERROR}")
+
+
+@dataclass(frozen=True)
+class NativeCase:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float64
+    kind: str = "random"  # random, lengths (prefix masks: the select-free loops), all_valid, padded_sample
+
+
+# Few channels (tasks over channel and group of samples) and many (tasks over channels, with two
+# threads); runs longer than a block of 4096 positions; extents that are not multiples of the
+# vector width.
+NATIVE_CASES = [
+    NativeCase("1d", (5, 3, 9)),
+    NativeCase("1d_float32", (6, 17, 11), torch.float32),
+    NativeCase("1d_lengths", (7, 3, 21), kind="lengths"),
+    NativeCase("1d_lengths_float32_many_channels", (9, 19, 37), torch.float32, kind="lengths"),
+    NativeCase("1d_all_valid", (4, 3, 6), kind="all_valid"),
+    NativeCase("1d_padded_sample", (4, 18, 7), torch.float32, kind="padded_sample"),
+    NativeCase("1d_runs_longer_than_a_block", (3, 2, 9000), torch.float32, kind="lengths"),
+    NativeCase("1d_random_long_runs", (2, 3, 5000), torch.float32),
+    NativeCase("2d", (3, 2, 5, 4)),
+    NativeCase("2d_float32_padded_sample", (4, 3, 4, 4), torch.float32, kind="padded_sample"),
+    NativeCase("3d", (2, 3, 3, 4, 2)),
+    NativeCase("3d_lengths", (3, 9, 2, 3, 10), torch.float32, kind="lengths"),
+]
+
+
+def native_case_data(case: NativeCase) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(sum(map(ord, case.name)))
+    n, c, *tail = case.shape
+    mask = torch.rand((n, *tail), generator=gen) < 0.6
+    if case.kind == "lengths":
+        lengths = torch.randint(0, tail[-1] + 1, (n,), generator=gen)
+        lengths[0] = tail[-1]
+        mask = (torch.arange(tail[-1]) < lengths.view(-1, *([1] * len(tail)))).expand(n, *tail)
+    if case.kind == "all_valid":
+        mask = torch.ones_like(mask)
+    if case.kind == "padded_sample":
+        mask[1] = False
+    if case.kind != "lengths":  # the first sample is whole there
+        mask.view(-1)[:2] = True  # at least two valid values
+    x = (torch.randn(case.shape, generator=gen, dtype=torch.float64) * 2 + 3).to(case.dtype)
+    return {
+        "mask": mask,
+        "x": x,
+        "dy": torch.randn(case.shape, generator=gen, dtype=torch.float64).to(case.dtype),
+        "weight": torch.rand(c, generator=gen, dtype=torch.float64).add(0.5).to(case.dtype),
+        "bias": torch.randn(c, generator=gen, dtype=torch.float64).to(case.dtype),
+    }
+
+
+def masked_step(data: dict[str, Any], backend: str, training: bool) -> dict[str, Tensor]:
+    """One call of batch_norm with a mask under ``backend``: y, dx, dweight, dbias and the running
+    statistics after it."""
+    x = data["x"].clone().requires_grad_(True)
+    weight = data["weight"].clone().requires_grad_(True)
+    bias = data["bias"].clone().requires_grad_(True)
+    channels = x.shape[1]
+    running_mean = torch.linspace(-1, 1, channels, dtype=x.dtype)
+    running_var = torch.linspace(0.5, 2, channels, dtype=x.dtype)
+    with batchnorm.using_backend(backend):
+        y = batch_norm(x, running_mean, running_var, weight, bias, training, 0.1, mask=data["mask"])
+        y.backward(data["dy"])
+    assert x.grad is not None and weight.grad is not None and bias.grad is not None
+    return {
+        "y": y.detach(),
+        "dx": x.grad,
+        "dweight": weight.grad,
+        "dbias": bias.grad,
+        "mean": running_mean,
+        "var": running_var,
+    }
+
+
+def masked_oracle(data: dict[str, Any], training: bool) -> dict[str, Tensor]:
+    """torch's F.batch_norm on the valid values gathered in float64, scattered back."""
+    x, mask = data["x"], data["mask"]
+    channels = x.shape[1]
+    rows = gather(x.double(), mask).requires_grad_(True)  # (M, C)
+    weight = data["weight"].double().requires_grad_(True)
+    bias = data["bias"].double().requires_grad_(True)
+    running_mean = torch.linspace(-1, 1, channels, dtype=torch.float64)
+    running_var = torch.linspace(0.5, 2, channels, dtype=torch.float64)
+    y = F.batch_norm(rows, running_mean, running_var, weight, bias, training, 0.1)
+    y.backward(gather(data["dy"].double(), mask))
+    assert rows.grad is not None and weight.grad is not None and bias.grad is not None
+    return {
+        "y": scatter(y.detach(), mask, x.double()),
+        "dx": scatter(rows.grad, mask, x.double()),
+        "dweight": weight.grad,
+        "dbias": bias.grad,
+        "mean": running_mean,
+        "var": running_var,
+    }
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(saved)
+
+
+@needs_native
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=lambda case: case.name)
+def test_native_kernels_match_eager_and_oracle(
+    case: NativeCase, training: bool, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outputs, dx, dgamma, dbeta and running statistics of the native masked kernels against the
+    eager masked path and against torch's batch norm of the gathered valid values."""
+    data = native_case_data(case)
+    calls: list[str] = []
+    for name in ("masked_forward_train", "masked_forward_eval", "masked_backward_train", "masked_backward_eval"):
+        kernel = getattr(_native, name)
+        monkeypatch.setattr(_native, name, lambda *args, _k=kernel, _n=name: calls.append(_n) or _k(*args))
+    native = masked_step(data, "native", training)
+    mode = "train" if training else "eval"
+    assert calls == [f"masked_forward_{mode}", f"masked_backward_{mode}"]  # the native kernels ran
+    eager = masked_step(data, "eager", training)
+    expected = masked_oracle(data, training)
+    tol = tolerance(case.dtype)
+    for key, value in native.items():
+        assert value.dtype == data["x"].dtype
+        torch.testing.assert_close(value, eager[key], **tol, msg=f"{key} against eager")
+        torch.testing.assert_close(value.double(), expected[key], **tol, msg=f"{key} against the oracle")
+    padded = ~data["mask"].unsqueeze(1).expand(case.shape)
+    assert not native["y"][padded].any() and not native["dx"][padded].any()  # exactly 0
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("kind", ["random", "lengths"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_native_padding_is_never_read(dtype: torch.dtype, kind: str, training: bool) -> None:
+    """NaN, Inf or huge values in the padding of x and dy: bit-identical results."""
+    data = native_case_data(NativeCase("padding", (6, 5, 43), dtype, kind))
+    valid = data["mask"].unsqueeze(1)  # (N, 1, L)
+    base = masked_step(data, "native", training)
+    for filler in (float("nan"), float("inf"), -1e30):
+        filled = {**data, "x": torch.where(valid, data["x"], filler), "dy": torch.where(valid, data["dy"], filler)}
+        got = masked_step(filled, "native", training)
+        for key in base:
+            assert torch.equal(got[key], base[key]), f"{key} with {filler} padding"
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_native_half_input_computes_in_float32(dtype: torch.dtype) -> None:
+    data = native_case_data(NativeCase("half", (4, 6, 19), torch.float32, "lengths"))
+    x, mask = data["x"].to(dtype), data["mask"]
+    y, mean, var, invstd = _native.masked_forward_train(x, mask, data["weight"], data["bias"], 1e-5)
+    assert (y.dtype, mean.dtype, var.dtype, invstd.dtype) == (dtype, torch.float32, torch.float32, torch.float32)
+    rows = gather(x.double(), mask)  # (M, C)
+    torch.testing.assert_close(mean.double(), rows.mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), rows.var(0, correction=0), rtol=1e-5, atol=1e-6)
+    with batchnorm.using_backend("eager"):
+        expected = batch_norm(x, None, None, data["weight"], data["bias"], True, mask=mask)
+    torch.testing.assert_close(y, expected, rtol=1e-2, atol=1e-2)
+
+
+@needs_native
+def test_native_float32_far_from_zero_matches_float64() -> None:
+    """|mu| >> sigma over the valid values: the corrected two-pass statistics keep the digits."""
+    data = native_case_data(NativeCase("far", (16, 8, 600), torch.float32, "lengths"))
+    x = (1e4 + 0.1 * torch.randn(16, 8, 600, dtype=torch.float64)).float()
+    _, mean, var, _ = _native.masked_forward_train(x, data["mask"], None, None, 1e-5)
+    rows = gather(x.double(), data["mask"])  # (M, C)
+    assert ((mean.double() - rows.mean(0)).abs() / rows.mean(0).abs()).max() < 1e-7
+    assert ((var.double() - rows.var(0, correction=0)).abs() / rows.var(0, correction=0)).max() < 1e-4
+
+
+@needs_native
+def test_native_ops_without_valid_values_or_outputs() -> None:
+    """No valid value: NaN statistics, zero output and zero sums; dx or parameter gradients not
+    asked for are not computed."""
+    x, dy = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
+    none = torch.zeros(3, 5, dtype=torch.bool)
+    y, mean, var, invstd = _native.masked_forward_train(x, none, None, None, 1e-5)
+    assert mean.isnan().all() and var.isnan().all() and not y.any()
+    dx, dgamma, dbeta = _native.masked_backward_train(dy, x, none, None, torch.zeros(4), torch.ones(4), True)
+    assert dx is not None and not dx.any() and not dgamma.any() and not dbeta.any()
+    mask = torch.rand(3, 5) < 0.5
+    assert _native.masked_backward_train(dy, x, mask, None, mean, invstd, False)[0] is None
+    assert _native.masked_backward_eval(dy, x, mask, None, mean, invstd, False, False) == (None, None, None)
+
+
+@needs_native
+def test_native_layouts_it_does_not_take_run_eagerly() -> None:
+    """channels_last and (N, C) input take the eager masked path; contiguous (N, C, *) the native one."""
+    x = torch.randn(4, 3, 5, 6)
+    assert _masked.native_masked(x)
+    assert not _masked.native_masked(x.contiguous(memory_format=torch.channels_last))
+    assert not _masked.native_masked(torch.randn(4, 3))
+    with batchnorm.using_backend("eager"):
+        assert not _masked.native_masked(x)
+
+
+@needs_native
+def test_native_masked_ops_pass_torch_library_checks() -> None:
+    """Schema, fake kernels (shapes, dtypes, strides) and tracing by AOT autograd."""
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    data = native_case_data(NativeCase("opcheck", (4, 5, 6), torch.float32))
+    mask, w, b = data["mask"], data["weight"], data["bias"]
+    for x in (data["x"], data["x"].half()):
+        _, mean, var, invstd = _native.masked_forward_train(x, mask, w, b, 1e-5)
+        ops = torch.ops.batchnorm
+        torch.library.opcheck(ops.masked_forward_train, (x, mask, w, b, 1e-5), test_utils=utils)
+        torch.library.opcheck(ops.masked_forward_eval, (x, mask, mean, var, w, None, 1e-5), test_utils=utils)
+        for need in (True, False):
+            arguments = (x, x, mask, w, mean, invstd, need)
+            torch.library.opcheck(ops.masked_backward_train, arguments, test_utils=utils)
+            torch.library.opcheck(ops.masked_backward_eval, (*arguments, not need), test_utils=utils)

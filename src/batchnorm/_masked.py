@@ -11,8 +11,10 @@ A boolean ``mask`` of the input's shape without the channel dimension ((N, L) fo
 
 that is, batch norm of the valid values gathered into one tensor (``docs/math.md``). Padded
 values never enter an arithmetic operation: they are replaced with ``torch.where``, so NaN or Inf
-in the padding is harmless. Plain tensor operations throughout: this is the readable reference,
-and every transform (vmap, jvp, double backward) sees ordinary code.
+in the padding is harmless. The tensor operations below are the readable reference, and every
+transform (vmap, jvp, double backward) sees ordinary code. Where the backend resolves to the
+native kernels (CPU, contiguous input, no transform: :func:`native_masked`), the forward and the
+first-order backward run the same equations in C++ instead (``csrc/masked.cpp``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import backends
+from . import _native, backends
 from ._autograd import affine, affine_tangent, needs_autograd_function, param_grads, parameter_dtype, without_jvp
 
 __all__ = ["apply_masked_batch_norm", "resolve_mask", "valid_count"]
@@ -118,6 +120,19 @@ def masked_affine(x_hat: Tensor, mask: Tensor, weight: Tensor | None, bias: Tens
     return torch.where(spread(mask), affine(x_hat, weight, bias), 0)
 
 
+def native_masked(x: Tensor, *tensors: Tensor, create_graph: bool = False) -> bool:
+    """The native masked kernels run this call: the backend resolves to the native kernels for
+    ``x`` (so no transform, compiler or double backward sees it), they take ``x`` and ``tensors``
+    (CPU, a floating dtype, no vmap dimension), and ``x`` is contiguous with a dimension after the
+    channels. Other layouts take the tensor operations here."""
+    return (
+        backends.kernels_for(x, create_graph=create_graph) is backends.NATIVE
+        and backends.native_takes(x, *tensors)
+        and x.dim() >= 3
+        and x.is_contiguous()
+    )
+
+
 def masked_forward(
     x: Tensor,
     mask: Tensor,
@@ -130,9 +145,17 @@ def masked_forward(
     """(y, mu, var): training (batch statistics over the valid positions) when ``eval_mean`` /
     ``eval_var`` are None, inference with them otherwise."""
     cdt = backends.compute_dtype(x)
+    training = eval_mean is None or eval_var is None
     if eval_mean is not None and eval_var is not None:
+        # Views, not the running statistics themselves: a Function may not return an input as-is.
         mean, var = eval_mean.to(cdt).view_as(eval_mean), eval_var.to(cdt).view_as(eval_var)
-    else:
+    if native_masked(x):
+        if training:
+            y, mean, var, _ = _native.masked_forward_train(x, mask, weight, bias, eps)
+        else:
+            y, _ = _native.masked_forward_eval(x, mask, mean, var, weight, bias, eps)
+        return y, mean, var
+    if training:
         mean, var, _ = masked_stats(x, mask)
     x_hat = masked_normalized(x, mask, mean, torch.rsqrt(var + eps))
     return masked_affine(x_hat, mask, weight, bias).to(x.dtype), mean, var
@@ -194,6 +217,17 @@ class MaskedBatchNormFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor, _grad_mean: Any, _grad_var: Any) -> tuple[Tensor | None, ...]:
         x, mask, weight, mean, var = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        if native_masked(x, grad_output, create_graph=torch.is_grad_enabled()):
+            invstd = torch.rsqrt(var + ctx.eps)  # r, (C,)
+            native: tuple[Tensor | None, Tensor | None, Tensor | None]
+            if ctx.training:
+                native = _native.masked_backward_train(grad_output, x, mask, weight, mean, invstd, need_input)
+            else:
+                native = _native.masked_backward_eval(
+                    grad_output, x, mask, weight, mean, invstd, need_input, need_weight or need_bias
+                )
+            grads = param_grads(*native, ctx.param_dtype, need_weight, need_bias)
+            return (grads[0], None, *grads[1:])
         count: Tensor | float = 1.0
         if ctx.training and torch.is_grad_enabled():
             # Double backward: recompute mu(x) and var(x) differentiably, as BatchNormFunction does.

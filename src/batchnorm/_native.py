@@ -1,11 +1,14 @@
-"""The native CPU kernels (``csrc/batch_norm.cpp``, built at install as ``batchnorm._C``).
+"""The native CPU kernels (``csrc/*.cpp``, built at install as
+``batchnorm._C``).
 
 The library registers four ``torch.library`` ops, ``torch.ops.batchnorm.forward_train``,
-``forward_eval``, ``backward_train`` and ``backward_eval``, with CPU kernels, autograd for the two
-forwards (their backward calls the backward ops; ``csrc/autograd.cpp``), and
-``update_running_stats_``; this module adds their fake (meta) kernels, so that ``torch.compile``
+``forward_eval``, ``backward_train`` and ``backward_eval``, with CPU kernels and autograd for the
+two forwards (their backward calls the backward ops; ``csrc/autograd.cpp``); their masked
+counterparts ``masked_forward_train``, ``masked_forward_eval``, ``masked_backward_train`` and
+``masked_backward_eval`` (contiguous input, :mod:`batchnorm._masked`); and
+``update_running_stats_``. This module adds their fake (meta) kernels, so that ``torch.compile``
 and ``torch.export`` trace them as opaque ops, and wraps them in the signatures of
-:class:`batchnorm.backends.Kernels`.
+:class:`batchnorm.backends.Kernels` (the masked ones with the mask after the input).
 
 If the library cannot be loaded (no compiler at install time, an import error) :data:`AVAILABLE`
 is False, :data:`LOAD_ERROR` says why, and :mod:`batchnorm.backends` warns once and runs the
@@ -85,6 +88,49 @@ if AVAILABLE:
         grads = x.new_empty((count,), dtype=_compute_dtype(x))
         return dx, grads, torch.empty_like(grads)
 
+    # The masked ops return y and dx contiguous, whatever x's layout (the wrappers below pass
+    # contiguous input).
+
+    @torch.library.register_fake("batchnorm::masked_forward_train")  # type: ignore[untyped-decorator]
+    def _masked_forward_train_fake(
+        x: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return x.new_empty(x.shape), _channel_vector(x), _channel_vector(x), _channel_vector(x)
+
+    @torch.library.register_fake("batchnorm::masked_forward_eval")  # type: ignore[untyped-decorator]
+    def _masked_forward_eval_fake(
+        x: Tensor, mask: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor]:
+        return x.new_empty(x.shape), _channel_vector(x)
+
+    @torch.library.register_fake("batchnorm::masked_backward_train")  # type: ignore[untyped-decorator]
+    def _masked_backward_train_fake(
+        dy: Tensor,
+        x: Tensor,
+        mask: Tensor,
+        weight: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        need_input_grad: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        dx = x.new_empty(x.shape if need_input_grad else (0,))
+        return dx, _channel_vector(x), _channel_vector(x)
+
+    @torch.library.register_fake("batchnorm::masked_backward_eval")  # type: ignore[untyped-decorator]
+    def _masked_backward_eval_fake(
+        dy: Tensor,
+        x: Tensor,
+        mask: Tensor,
+        weight: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        need_input_grad: bool,
+        need_param_grads: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        dx = x.new_empty(x.shape if need_input_grad else (0,))
+        grads = x.new_empty((x.shape[1] if need_param_grads else 0,), dtype=_compute_dtype(x))
+        return dx, grads, torch.empty_like(grads)
+
 
     @torch.library.register_fake("batchnorm::update_running_stats_")  # type: ignore[untyped-decorator]
     def _update_running_stats_fake(
@@ -153,6 +199,55 @@ def backward_eval(
     """Inference backward: (dx, dgamma, dbeta), each None unless asked for."""
     dx, grad_weight, grad_bias = torch.ops.batchnorm.backward_eval(
         dy, _dense(x), weight, mean, invstd, need_input_grad, need_param_grads
+    )
+    if not need_param_grads:
+        grad_weight = grad_bias = None
+    return (dx if need_input_grad else None), grad_weight, grad_bias
+
+
+# The masked kernels (csrc/masked.cpp): x contiguous (N, C, *), mask bool (N, *); y and dx 0 on
+# padded positions. Callers pass contiguous input (batchnorm._masked.native_masked).
+
+
+def masked_forward_train(
+    x: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training forward over the valid positions: (y, mu, var, r); statistics (C,) in the compute dtype."""
+    y, mean, var, invstd = torch.ops.batchnorm.masked_forward_train(x, mask, weight, bias, eps)
+    return y, mean, var, invstd
+
+
+def masked_forward_eval(
+    x: Tensor, mask: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Inference forward with given statistics: (y, r)."""
+    y, invstd = torch.ops.batchnorm.masked_forward_eval(x, mask, mean, var, weight, bias, eps)
+    return y, invstd
+
+
+def masked_backward_train(
+    dy: Tensor, x: Tensor, mask: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, need_input_grad: bool
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Training backward: (dx, dgamma, dbeta); dx None unless asked for."""
+    dx, grad_weight, grad_bias = torch.ops.batchnorm.masked_backward_train(
+        dy, x, mask, weight, mean, invstd, need_input_grad
+    )
+    return (dx if need_input_grad else None), grad_weight, grad_bias
+
+
+def masked_backward_eval(
+    dy: Tensor,
+    x: Tensor,
+    mask: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    need_input_grad: bool,
+    need_param_grads: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Inference backward: (dx, dgamma, dbeta), each None unless asked for."""
+    dx, grad_weight, grad_bias = torch.ops.batchnorm.masked_backward_eval(
+        dy, x, mask, weight, mean, invstd, need_input_grad, need_param_grads
     )
     if not need_param_grads:
         grad_weight = grad_bias = None
