@@ -49,7 +49,8 @@ from ._autograd import (
     without_jvp,
 )
 from ._masked import apply_masked_batch_norm
-from .modules import _BatchNormBase, fx_leaf_call
+from ._protocol import Equivalent, Kept
+from .modules import _BatchNormBase, extends_constructor, fx_leaf_call
 from .sync import SyncBatchNorm
 from .variants import FrozenBatchNorm
 
@@ -660,6 +661,9 @@ class _WithActivation:
         """The activation as a torch module (``nn.ReLU()``, ``nn.LeakyReLU(0.01)``, ...)."""
         return self._activation.module()
 
+    def fused_activation(self) -> nn.Module | None:
+        return self.activation_module()
+
     @property
     def activation(self) -> str:
         return self._activation.name
@@ -670,7 +674,19 @@ class _WithActivation:
 
 
 class _ActivatedBatchNorm(_WithActivation, _BatchNormBase):
-    """A batch norm followed by an activation."""
+    """A batch norm followed by an activation: synchronized and frozen, it keeps the activation."""
+
+    @classmethod
+    def torch_equivalent(cls) -> Equivalent:
+        return Kept("torch has no fused batch norm + activation")
+
+    @classmethod
+    def sync_equivalent(cls) -> Equivalent:
+        return SyncBatchNormAct
+
+    @classmethod
+    def frozen_equivalent(cls) -> Equivalent:
+        return FrozenBatchNormAct
 
 
 class BatchNormAct(_ActivatedBatchNorm):
@@ -710,34 +726,9 @@ class BatchNormAct(_ActivatedBatchNorm):
         (True, 1)
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        activation: str = "relu",
-        activation_param: float | None = None,
-        bias: bool = True,
-        skip_nonfinite: bool = True,
-    ) -> None:
-        act = Activation.make(activation, activation_param, type(self).__name__)
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias=bias,
-            skip_nonfinite=skip_nonfinite,
-        )
-        self._activation = act
+    @extends_constructor(_ActivatedBatchNorm)
+    def __init__(self, *, activation: str = "relu", activation_param: float | None = None) -> None:
+        self._activation = Activation.make(activation, activation_param, type(self).__name__)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self._activation}"
@@ -814,38 +805,13 @@ class InPlaceABN(_ActivatedBatchNorm):
         (True, True)
     """
 
+    @extends_constructor(_ActivatedBatchNorm)
     def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        activation: str = "leaky_relu",
-        activation_param: float | None = None,
-        min_abs_weight: float = 1e-5,
-        bias: bool = True,
-        skip_nonfinite: bool = True,
+        self, *, activation: str = "leaky_relu", activation_param: float | None = None, min_abs_weight: float = 1e-5
     ) -> None:
         name = type(self).__name__
-        act = Activation.make(activation, activation_param, name, invertible=True)
-        floor = _check_min_abs_weight(min_abs_weight, name)
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias=bias,
-            skip_nonfinite=skip_nonfinite,
-        )
-        self._activation = act
-        self.min_abs_weight = floor
+        self._activation = Activation.make(activation, activation_param, name, invertible=True)
+        self.min_abs_weight = _check_min_abs_weight(min_abs_weight, name)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self._activation}, min_abs_weight={self.min_abs_weight:g}"
@@ -887,36 +853,17 @@ class SyncBatchNormAct(SyncBatchNorm, _ActivatedBatchNorm):
         True
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group: Any = None,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        activation: str = "relu",
-        activation_param: float | None = None,
-        bias: bool = True,
-        skip_nonfinite: bool = True,
-    ) -> None:
-        act = Activation.make(activation, activation_param, type(self).__name__)
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            process_group,
-            device,
-            dtype,
-            bias=bias,
-            skip_nonfinite=skip_nonfinite,
-        )
-        self._activation = act
+    @extends_constructor(SyncBatchNorm)
+    def __init__(self, *, activation: str = "relu", activation_param: float | None = None) -> None:
+        self._activation = Activation.make(activation, activation_param, type(self).__name__)
+
+    @classmethod
+    def torch_equivalent(cls) -> Equivalent:
+        return Kept("torch has no fused batch norm + activation")
+
+    @classmethod
+    def frozen_equivalent(cls) -> Equivalent:
+        return FrozenBatchNormAct
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self._activation}"
@@ -948,19 +895,9 @@ class FrozenBatchNormAct(_WithActivation, FrozenBatchNorm):
         ('FrozenBatchNormAct', True)
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        activation: str = "relu",
-        activation_param: float | None = None,
-    ) -> None:
-        act = Activation.make(activation, activation_param, type(self).__name__)
-        super().__init__(num_features, eps, device, dtype)
-        self._activation = act
+    @extends_constructor(FrozenBatchNorm)
+    def __init__(self, *, activation: str = "relu", activation_param: float | None = None) -> None:
+        self._activation = Activation.make(activation, activation_param, type(self).__name__)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self._activation}"
