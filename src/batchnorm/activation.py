@@ -556,6 +556,11 @@ def _check_overwritable(input: Tensor, caller: str) -> None:
         )
 
 
+def _is_view(x: Tensor) -> bool:
+    """A view autograd tracks, outside the transforms (whose wrapped tensors have their own rules)."""
+    return not torch.compiler.is_compiling() and not backends.functorch_active() and x._base is not None
+
+
 def _apply_inplace_abn(
     x: Tensor,
     weight: Tensor | None,
@@ -568,6 +573,15 @@ def _apply_inplace_abn(
     min_abs_weight: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The :data:`batchnorm.functional.Normalizer` of :class:`InPlaceABN`: (x overwritten by z, mu, var)."""
+    if _is_view(x) and needs_autograd_function(x, weight, bias):
+        # autograd lets an in-place Function with several outputs (z, mu, var) modify no view.
+        # As torch's in-place ops on a view do, z is written back into the view by copy_, which
+        # rebases the view's history; copy_ refuses (before writing, and before the running
+        # statistics are updated) the views autograd cannot rebase, as relu_ does.
+        z, mean, var = _apply_inplace_abn(
+            x.clone(), weight, bias, eval_mean, eval_var, eps, activation=activation, min_abs_weight=min_abs_weight
+        )
+        return x.copy_(z), mean, var
     if needs_autograd_function(x, weight, bias):
         z, mean, var = (InPlaceABNFunctionNoJvp if torch.compiler.is_compiling() else InPlaceABNFunction).apply(
             x, weight, bias, eval_mean, eval_var, eps, activation, min_abs_weight
@@ -771,7 +785,10 @@ class InPlaceABN(_ActivatedBatchNorm):
     (alpha > 0), ``"identity"``; relu and silu raise ``ValueError``. The input must be a tensor
     that may be overwritten: not a leaf that requires grad, and not a tensor that another
     operation saved for its backward (autograd then reports the in-place change at backward,
-    as with any ``inplace=True`` layer).
+    as with any ``inplace=True`` layer). A view of a tensor that requires grad is overwritten
+    as torch's in-place operations overwrite it (computed on a copy and written back, so it
+    saves no memory); the views they refuse (made under ``no_grad``, one of several outputs of
+    ``unbind`` or ``split``) are refused with torch's error before anything changes.
 
     Zero weight: gamma = 0 makes y independent of x, and x̂ cannot be rebuilt. The paper uses
     |gamma| + eps. We keep torch's parameterization, so that a BatchNorm checkpoint means the
