@@ -386,8 +386,9 @@ def _inplace_forward(
         x.sub_(mean.view(shape))
         if bias is None:
             x.mul_(scale.view(shape))
-        elif backends.functorch_active() or backends.is_batched(x):
-            x.mul_(scale.view(shape)).add_(bias.view(shape))  # vmap has no rule for out=
+        elif backends.functorch_active() or backends.is_batched(x) or torch.compiler.is_compiling():
+            # vmap has no rule for out=, and export's tracing refuses out= where a parameter requires grad
+            x.mul_(scale.view(shape)).add_(bias.view(shape))
         else:
             torch.addcmul(bias.view(shape), x, scale.view(shape), out=x)
     else:
