@@ -214,7 +214,7 @@ class SyncBatchNorm(BatchNorm):
     with running statistics (eval), it computes exactly as :class:`batchnorm.BatchNorm`.
 
     Args:
-        num_features, eps, momentum, affine, track_running_stats, skip_nonfinite: as
+        num_features, eps, momentum, affine, track_running_stats, bias, skip_nonfinite: as
             :class:`batchnorm.BatchNorm`.
         process_group: the group to synchronize over; None (default) is the default group.
 

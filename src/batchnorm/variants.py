@@ -141,7 +141,7 @@ class BatchRenorm(BatchNorm):
 
     @classmethod
     def sync_equivalent(cls) -> Equivalent:
-        return Refused("no synchronized batch renormalization (r and d would need the global running correction)")
+        return Refused("no synchronized batch renormalization: its r and d would need the global batch statistics")
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}"
