@@ -221,7 +221,8 @@ def fold(model: nn.Module, *, example_input: Any = None) -> nn.Module:
     channels. The layer becomes :func:`fold_conv_bn` / :func:`fold_linear_bn` of the pair and the
     batch norm becomes ``nn.Identity`` (a :class:`BatchNormAct` or :class:`InPlaceABN` becomes its
     activation, e.g. ``nn.ReLU``), so the module names stay. A ``ConvBatchNorm*d`` becomes its
-    :meth:`fold`. Batch norms that follow anything else are kept. ``model`` itself does not change.
+    convolution with its batch norm folded in. Batch norms that follow anything else are kept.
+    ``model`` itself does not change.
 
     A ``Linear`` followed by a batch norm folds only when the batch norm normalizes the Linear's
     output features, i.e. its input is 2D (N, features): on (N, C, L) input the Linear acts on L

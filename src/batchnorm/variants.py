@@ -254,6 +254,9 @@ class FrozenBatchNorm(BatchNormProtocol, nn.Module):
     running_mean: Tensor
     running_var: Tensor
 
+    # Fixed statistics: nothing to recalibrate, synchronize or freeze.
+    tracks_statistics = False
+
     def __init__(self, num_features: int, eps: float = 1e-5, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
         check_num_features(num_features, type(self).__name__)
@@ -268,9 +271,6 @@ class FrozenBatchNorm(BatchNormProtocol, nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
-
-    # Fixed statistics: nothing to recalibrate, synchronize or freeze.
-    tracks_statistics = False
 
     @classmethod
     def torch_equivalent(cls) -> Equivalent:
