@@ -128,3 +128,12 @@ def test_every_class_of_the_package_declares_the_protocol() -> None:
         for tool in (cls.torch_equivalent, cls.sync_equivalent, cls.frozen_equivalent):
             answer = tool()
             assert isinstance(answer, (Kept, Refused)) or issubclass(answer, nn.Module), (cls.__name__, answer)
+
+
+def test_recalibrate_leaves_the_frozen_batch_norm_inside_a_convolution_block() -> None:
+    """The state, not the container, says whether statistics are fixed."""
+    model = batchnorm.freeze(nn.Sequential(batchnorm.ConvBatchNorm2d(3, 3, 3)).eval())
+    frozen = model[0].bn
+    before = frozen.running_var.clone()
+    batchnorm.recalibrate(model, [torch.randn(4, 3, 5, 5) * 3])
+    assert isinstance(frozen, batchnorm.FrozenBatchNorm) and torch.equal(frozen.running_var, before)

@@ -240,10 +240,12 @@ def statistics_layers(model: nn.Module, caller: str, *, frozen: bool) -> list[An
     check_known(model, caller)
     layers: dict[int, Any] = {}
     for module in model.modules():
-        if not batch_norm_like(module) or not (frozen or getattr(module, "tracks_statistics", True)):
+        if not batch_norm_like(module):
             continue
-        declared: Any = module
-        state = declared.batch_norm_state() if declares_protocol(module) else module
+        state = module.batch_norm_state() if declares_protocol(module) else module
+        # Asked of the state: a convolution + batch norm whose batch norm was frozen has fixed statistics.
+        if not (frozen or getattr(state, "tracks_statistics", True)):
+            continue
         if isinstance(getattr(state, "running_mean", None), Tensor) and isinstance(
             getattr(state, "running_var", None), Tensor
         ):
