@@ -118,13 +118,14 @@ def test_from_torch_names_a_batch_norm_it_does_not_know_and_leaves_it() -> None:
 
 
 def test_every_class_of_the_package_declares_the_protocol() -> None:
-    from batchnorm._protocol import Kept, Refused, SupportsBatchNormTools
+    from batchnorm._protocol import DECLARATIONS, Kept, Refused, SupportsBatchNormTools
+
+    assert {name for name in dir(SupportsBatchNormTools) if not name.startswith("_")} <= DECLARATIONS
 
     classes = [value for value in vars(batchnorm).values() if isinstance(value, type) and issubclass(value, nn.Module)]
     assert len(classes) == 20
     for cls in classes:
-        declared = {name for name in dir(SupportsBatchNormTools) if not name.startswith("_")}
-        assert declared <= set(dir(cls)), (cls.__name__, declared - set(dir(cls)))
+        assert set(dir(cls)) >= DECLARATIONS, (cls.__name__, DECLARATIONS - set(dir(cls)))
         for tool in (cls.torch_equivalent, cls.sync_equivalent, cls.frozen_equivalent):
             answer = tool()
             assert isinstance(answer, (Kept, Refused)) or issubclass(answer, nn.Module), (cls.__name__, answer)
@@ -137,3 +138,27 @@ def test_recalibrate_leaves_the_frozen_batch_norm_inside_a_convolution_block() -
     before = frozen.running_var.clone()
     batchnorm.recalibrate(model, [torch.randn(4, 3, 5, 5) * 3])
     assert isinstance(frozen, batchnorm.FrozenBatchNorm) and torch.equal(frozen.running_var, before)
+
+
+class LoggingBatchNorm2d(batchnorm.BatchNorm2d):
+    """A user's subclass of ours with its own forward, declaring nothing."""
+
+    def forward(self, input: torch.Tensor, **keywords: Any) -> torch.Tensor:
+        return super().forward(input, **keywords) * 2
+
+
+class DeclaredBatchNorm2d(LoggingBatchNorm2d):
+    """The same, declaring what the tools may do with it."""
+
+    @classmethod
+    def sync_equivalent(cls) -> Any:
+        from batchnorm._protocol import Refused
+
+        return Refused("doubles its output")
+
+
+def test_a_subclass_of_ours_that_declares_nothing_is_not_converted_as_its_base() -> None:
+    with pytest.raises(ValueError, match=r"got 0 \(LoggingBatchNorm2d\)"):
+        batchnorm.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(LoggingBatchNorm2d(3)))
+    with pytest.raises(ValueError, match=r"cannot convert 0 \(DeclaredBatchNorm2d\): doubles its output"):
+        batchnorm.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(DeclaredBatchNorm2d(3)))

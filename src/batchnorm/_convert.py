@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from ._protocol import Equivalent, Kept, Refused, SupportsBatchNormTools
+from ._protocol import DECLARATIONS, Equivalent, Kept, Refused, SupportsBatchNormTools
 from .modules import _BatchNormBase
 
 #: Every module whose state is a batch norm's: torch's (including its SyncBatchNorm) and ours.
@@ -42,8 +42,16 @@ def batch_norm_like(module: nn.Module) -> bool:
 
 
 def known(module: nn.Module) -> bool:
-    """A batch-norm-like module that the tools know: one declaring the protocol, or torch's own."""
-    return declares_protocol(module) or type(module) in TORCH_BATCH_NORMS
+    """A batch-norm-like module that the tools know: torch's own, one of this package's classes, or
+    a subclass that declares (part of) the protocol itself. A subclass that declares nothing may
+    compute something else than the class it inherits its declarations from (its own forward),
+    so it is not trusted with them."""
+    if type(module) in TORCH_BATCH_NORMS:
+        return True
+    if not declares_protocol(module):
+        return False
+    cls = type(module)
+    return cls.__module__.split(".")[0] == __name__.split(".")[0] or any(name in vars(cls) for name in DECLARATIONS)
 
 
 def check_known(model: nn.Module, caller: str) -> None:

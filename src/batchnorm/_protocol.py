@@ -66,6 +66,20 @@ class SupportsBatchNormTools(Protocol):
     def frozen_equivalent(cls) -> Equivalent: ...
 
 
+#: Every name of :class:`SupportsBatchNormTools`.
+DECLARATIONS = frozenset(
+    {
+        "tracks_statistics",
+        "batch_norm_state",
+        "fused_activation",
+        "fused_convolution",
+        "torch_equivalent",
+        "sync_equivalent",
+        "frozen_equivalent",
+    }
+)
+
+
 class BatchNormProtocol:
     """Defaults of :class:`SupportsBatchNormTools` for a plain batch norm: its own state, nothing
     fused, and no equivalents until a class declares them."""
