@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo figures test test-torch-control lint typecheck bench clean
+.PHONY: demo figures compat-table test test-torch-control lint typecheck bench clean
 
 # The native kernels (setup.py, csrc/) build against the installed torch, so without pip's build
 # isolation: torch and the build tools first, then the package.
@@ -25,6 +25,10 @@ figures: $(STAMP)
 	cp bn-report/paper_mlp.png docs/figures/paper_mlp.png
 	cp bn-report/summary.json docs/figures/summary.json
 	$(BIN)/python -m batchnorm.experiments.docs docs/figures/summary.json README.md docs/experiments.md
+
+# The module-by-operation table of docs/compat.md, from the data tests/test_matrix.py checks.
+compat-table: $(STAMP)
+	$(BIN)/python -m tests.matrix docs/compat.md
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -171,6 +171,45 @@ def test_inplace_abn_overwrites_its_input_and_returns_it() -> None:
     torch.testing.assert_close(x, expected, **TOL)  # the input's storage holds the output
 
 
+def test_inplace_abn_on_a_view_of_a_tensor_that_requires_grad_works_as_torch_in_place_ops() -> None:
+    """A view of a non-leaf: overwritten as torch.relu_ would overwrite it, with the oracle's gradients."""
+    ours, oracle = _pair(batchnorm.InPlaceABN, "leaky_relu")
+    x = torch.randn(4, 3, 5, 5)
+    leaf_ours, leaf_oracle = x.clone().requires_grad_(), x.clone().requires_grad_()
+    base = leaf_ours * 1.0
+    view = base[:, :, 1:]  # a strided view: the other positions of base keep their values
+    out = ours(view)
+    expected = oracle(leaf_oracle[:, :, 1:])
+    assert out is view
+    torch.testing.assert_close(base[:, :, 1:], expected, **TOL)
+    torch.testing.assert_close(base[:, :, :1], x[:, :, :1], rtol=0, atol=0)
+    dy = torch.randn_like(expected)
+    (out * dy).sum().backward()
+    (expected * dy).sum().backward()
+    torch.testing.assert_close(leaf_ours.grad, leaf_oracle.grad, **TOL)
+    torch.testing.assert_close(ours.weight.grad, oracle[0].weight.grad, **TOL)
+    torch.testing.assert_close(ours.running_var, oracle[0].running_var, **TOL)
+
+
+def test_inplace_abn_refuses_the_views_torch_in_place_ops_refuse_before_changing_anything() -> None:
+    """Views autograd cannot rebase (one of several outputs of unbind, one made under no_grad):
+    the same error as torch.relu_ gives, raised before the input or the running statistics change."""
+    leaf = torch.randn(2, 4, 3, 5, requires_grad=True)
+    base = leaf * 1.0
+    with torch.no_grad():
+        made_without_grad = base[0]
+    for view in (base.unbind(0)[0], made_without_grad):
+        abn = batchnorm.InPlaceABN(3)
+        before = base.detach().clone()
+        with pytest.raises(RuntimeError) as ours:
+            abn(view)
+        with pytest.raises(RuntimeError) as theirs:
+            torch.relu_(view)
+        assert str(ours.value).split(".")[0] == str(theirs.value).split(".")[0]
+        torch.testing.assert_close(base.detach(), before, rtol=0, atol=0)
+        assert abn.num_batches_tracked.item() == 0 and torch.equal(abn.running_mean, torch.zeros(3))
+
+
 def test_inplace_abn_saves_only_its_output_and_vectors() -> None:
     ours = batchnorm.InPlaceABN(3)
     x = torch.randn(4, 3, 5, 5, requires_grad=True) * 1.0

@@ -74,7 +74,7 @@ def test_fold_equals_the_unfolded_model(layer_kind: str, bn_kind: str, bias: boo
     before = state(model)
     x = torch.randn(shape, generator=gen, dtype=torch.float64)
     expected = model(x)
-    folded = fold(model)
+    folded = fold(model, example_input=x)
     assert isinstance(folded[1], nn.Identity) and type(folded[0]) is type(model[0])
     assert not folded.training and folded[0].bias is not None
     torch.testing.assert_close(folded(x), expected, rtol=1e-12, atol=1e-12)
@@ -121,6 +121,44 @@ def test_fold_only_folds_consecutive_sequential_children() -> None:
     assert type(folded[0].bn).__name__ == "BatchNorm2d"
     x = torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(folded(x), model(x))
+
+
+def _linear_then_batch_norm() -> nn.Sequential:
+    """Linear(5, 3) then BatchNorm1d(3), with running statistics away from 0 and 1."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 3), batchnorm.BatchNorm1d(3)).double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-2.0, 2.0)
+        model[1].running_var.uniform_(0.5, 3.0)
+        model[1].weight.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_fold_keeps_a_linear_batch_norm_pair_whose_batch_norm_sees_channels_not_features() -> None:
+    """On (N, C, L) input the Linear acts on L and the batch norm on C; with C equal to the
+    Linear's output features by coincidence, folding would give a wrong model with no error."""
+    model = _linear_then_batch_norm()
+    x = torch.randn(4, 3, 5, dtype=torch.float64)  # C = 3 = out_features, L = 5 = in_features
+    expected = model(x)
+    folded = fold(model, example_input=x)
+    assert type(folded[1]) is batchnorm.BatchNorm1d and type(folded[0]) is nn.Linear
+    torch.testing.assert_close(folded(x), expected, rtol=0, atol=0)
+    with pytest.warns(
+        UserWarning, match=r"fold: kept 1 batch norm\(s\) after a Linear: 1 \(BatchNorm1d\); .*example_input"
+    ):
+        unproven = fold(model)
+    assert type(unproven[1]) is batchnorm.BatchNorm1d
+    torch.testing.assert_close(unproven(x), expected, rtol=0, atol=0)
+
+
+def test_fold_folds_a_linear_batch_norm_pair_proven_two_dimensional() -> None:
+    model = _linear_then_batch_norm()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    example = x[:2].clone()
+    folded = fold(model, example_input=example)
+    assert isinstance(folded[1], nn.Identity)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(example, x[:2], rtol=0, atol=0)  # the example input is untouched
 
 
 def test_fold_refuses_training_mode_and_changes_nothing() -> None:

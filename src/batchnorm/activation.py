@@ -49,7 +49,8 @@ from ._autograd import (
     without_jvp,
 )
 from ._masked import apply_masked_batch_norm
-from .modules import _BatchNormBase, fx_leaf_call
+from ._protocol import Equivalent, Kept
+from .modules import _BatchNormBase, extends_constructor, fx_leaf_call
 from .sync import SyncBatchNorm
 from .variants import FrozenBatchNorm
 
@@ -385,8 +386,9 @@ def _inplace_forward(
         x.sub_(mean.view(shape))
         if bias is None:
             x.mul_(scale.view(shape))
-        elif backends.functorch_active() or backends.is_batched(x):
-            x.mul_(scale.view(shape)).add_(bias.view(shape))  # vmap has no rule for out=
+        elif backends.functorch_active() or backends.is_batched(x) or torch.compiler.is_compiling():
+            # vmap has no rule for out=, and export's tracing refuses out= where a parameter requires grad
+            x.mul_(scale.view(shape)).add_(bias.view(shape))
         else:
             torch.addcmul(bias.view(shape), x, scale.view(shape), out=x)
     else:
@@ -555,6 +557,11 @@ def _check_overwritable(input: Tensor, caller: str) -> None:
         )
 
 
+def _is_view(x: Tensor) -> bool:
+    """A view autograd tracks, outside the transforms (whose wrapped tensors have their own rules)."""
+    return not torch.compiler.is_compiling() and not backends.functorch_active() and x._base is not None
+
+
 def _apply_inplace_abn(
     x: Tensor,
     weight: Tensor | None,
@@ -567,6 +574,15 @@ def _apply_inplace_abn(
     min_abs_weight: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The :data:`batchnorm.functional.Normalizer` of :class:`InPlaceABN`: (x overwritten by z, mu, var)."""
+    if _is_view(x) and needs_autograd_function(x, weight, bias):
+        # autograd lets an in-place Function with several outputs (z, mu, var) modify no view.
+        # As torch's in-place ops on a view do, z is written back into the view by copy_, which
+        # rebases the view's history; copy_ refuses (before writing, and before the running
+        # statistics are updated) the views autograd cannot rebase, as relu_ does.
+        z, mean, var = _apply_inplace_abn(
+            x.clone(), weight, bias, eval_mean, eval_var, eps, activation=activation, min_abs_weight=min_abs_weight
+        )
+        return x.copy_(z), mean, var
     if needs_autograd_function(x, weight, bias):
         z, mean, var = (InPlaceABNFunctionNoJvp if torch.compiler.is_compiling() else InPlaceABNFunction).apply(
             x, weight, bias, eval_mean, eval_var, eps, activation, min_abs_weight
@@ -660,6 +676,9 @@ class _WithActivation:
         """The activation as a torch module (``nn.ReLU()``, ``nn.LeakyReLU(0.01)``, ...)."""
         return self._activation.module()
 
+    def fused_activation(self) -> nn.Module | None:
+        return self.activation_module()
+
     @property
     def activation(self) -> str:
         return self._activation.name
@@ -670,7 +689,19 @@ class _WithActivation:
 
 
 class _ActivatedBatchNorm(_WithActivation, _BatchNormBase):
-    """A batch norm followed by an activation."""
+    """A batch norm followed by an activation: synchronized and frozen, it keeps the activation."""
+
+    @classmethod
+    def torch_equivalent(cls) -> Equivalent:
+        return Kept("torch has no fused batch norm + activation")
+
+    @classmethod
+    def sync_equivalent(cls) -> Equivalent:
+        return SyncBatchNormAct
+
+    @classmethod
+    def frozen_equivalent(cls) -> Equivalent:
+        return FrozenBatchNormAct
 
 
 class BatchNormAct(_ActivatedBatchNorm):
@@ -710,34 +741,9 @@ class BatchNormAct(_ActivatedBatchNorm):
         (True, 1)
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        activation: str = "relu",
-        activation_param: float | None = None,
-        bias: bool = True,
-        skip_nonfinite: bool = True,
-    ) -> None:
-        act = Activation.make(activation, activation_param, type(self).__name__)
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias=bias,
-            skip_nonfinite=skip_nonfinite,
-        )
-        self._activation = act
+    @extends_constructor(_ActivatedBatchNorm)
+    def __init__(self, *, activation: str = "relu", activation_param: float | None = None) -> None:
+        self._activation = Activation.make(activation, activation_param, type(self).__name__)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self._activation}"
@@ -780,7 +786,10 @@ class InPlaceABN(_ActivatedBatchNorm):
     (alpha > 0), ``"identity"``; relu and silu raise ``ValueError``. The input must be a tensor
     that may be overwritten: not a leaf that requires grad, and not a tensor that another
     operation saved for its backward (autograd then reports the in-place change at backward,
-    as with any ``inplace=True`` layer).
+    as with any ``inplace=True`` layer). A view of a tensor that requires grad is overwritten
+    as torch's in-place operations overwrite it (computed on a copy and written back, so it
+    saves no memory); the views they refuse (made under ``no_grad``, one of several outputs of
+    ``unbind`` or ``split``) are refused with torch's error before anything changes.
 
     Zero weight: gamma = 0 makes y independent of x, and x̂ cannot be rebuilt. The paper uses
     |gamma| + eps. We keep torch's parameterization, so that a BatchNorm checkpoint means the
@@ -814,38 +823,13 @@ class InPlaceABN(_ActivatedBatchNorm):
         (True, True)
     """
 
+    @extends_constructor(_ActivatedBatchNorm)
     def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        activation: str = "leaky_relu",
-        activation_param: float | None = None,
-        min_abs_weight: float = 1e-5,
-        bias: bool = True,
-        skip_nonfinite: bool = True,
+        self, *, activation: str = "leaky_relu", activation_param: float | None = None, min_abs_weight: float = 1e-5
     ) -> None:
         name = type(self).__name__
-        act = Activation.make(activation, activation_param, name, invertible=True)
-        floor = _check_min_abs_weight(min_abs_weight, name)
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias=bias,
-            skip_nonfinite=skip_nonfinite,
-        )
-        self._activation = act
-        self.min_abs_weight = floor
+        self._activation = Activation.make(activation, activation_param, name, invertible=True)
+        self.min_abs_weight = _check_min_abs_weight(min_abs_weight, name)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self._activation}, min_abs_weight={self.min_abs_weight:g}"
@@ -887,36 +871,17 @@ class SyncBatchNormAct(SyncBatchNorm, _ActivatedBatchNorm):
         True
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group: Any = None,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        activation: str = "relu",
-        activation_param: float | None = None,
-        bias: bool = True,
-        skip_nonfinite: bool = True,
-    ) -> None:
-        act = Activation.make(activation, activation_param, type(self).__name__)
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            process_group,
-            device,
-            dtype,
-            bias=bias,
-            skip_nonfinite=skip_nonfinite,
-        )
-        self._activation = act
+    @extends_constructor(SyncBatchNorm)
+    def __init__(self, *, activation: str = "relu", activation_param: float | None = None) -> None:
+        self._activation = Activation.make(activation, activation_param, type(self).__name__)
+
+    @classmethod
+    def torch_equivalent(cls) -> Equivalent:
+        return Kept("torch has no fused batch norm + activation")
+
+    @classmethod
+    def frozen_equivalent(cls) -> Equivalent:
+        return FrozenBatchNormAct
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self._activation}"
@@ -948,19 +913,9 @@ class FrozenBatchNormAct(_WithActivation, FrozenBatchNorm):
         ('FrozenBatchNormAct', True)
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        activation: str = "relu",
-        activation_param: float | None = None,
-    ) -> None:
-        act = Activation.make(activation, activation_param, type(self).__name__)
-        super().__init__(num_features, eps, device, dtype)
-        self._activation = act
+    @extends_constructor(FrozenBatchNorm)
+    def __init__(self, *, activation: str = "relu", activation_param: float | None = None) -> None:
+        self._activation = Activation.make(activation, activation_param, type(self).__name__)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self._activation}"

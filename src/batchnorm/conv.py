@@ -39,6 +39,7 @@ from ._autograd import (
     parameter_dtype,
     without_jvp,
 )
+from ._protocol import BatchNormProtocol, Equivalent, Kept
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase, fx_leaf_call
 from .sync import SyncBatchNorm
 
@@ -222,6 +223,9 @@ def _apply_conv_batch_norm(
     return batch_norm_forward(conv_output, weight, bias, eval_mean, eval_var, eps)
 
 
+_CONVERTS_ITS_BATCH_NORM = Kept("the tool converts its child bn, which the module then runs unfused")
+
+
 def _int_tuple(value: object, dims: int, name: str, caller: str) -> tuple[int, ...]:
     if isinstance(value, int) and not isinstance(value, bool):
         return (value,) * dims
@@ -234,8 +238,12 @@ def _int_tuple(value: object, dims: int, name: str, caller: str) -> tuple[int, .
     raise ValueError(f"{caller}: expected {name} to be an int or a tuple of {dims} ints, got {value!r}")
 
 
-class _ConvBatchNormNd(nn.Module):
-    """Convolution then batch norm; the dimension-specific classes set the modules to use."""
+class _ConvBatchNormNd(BatchNormProtocol, nn.Module):
+    """Convolution then batch norm; the dimension-specific classes set the modules to use.
+
+    To the tools (``batchnorm._protocol``) its batch-norm state is the child ``bn``: they convert
+    that child (to torch's, synchronized or frozen), and the module then runs the pair unfused.
+    """
 
     _dims: int
     _conv_class: type[nn.Module]
@@ -287,6 +295,25 @@ class _ConvBatchNormNd(nn.Module):
         self.bn = self._bn_class(
             out_channels, eps, momentum, affine, track_running_stats, skip_nonfinite=skip_nonfinite, **factory_kwargs
         )
+
+    def batch_norm_state(self) -> Any:
+        return self.bn
+
+    def fused_convolution(self) -> nn.Module | None:
+        convolution: nn.Module = self.conv
+        return convolution
+
+    @classmethod
+    def torch_equivalent(cls) -> Equivalent:
+        return _CONVERTS_ITS_BATCH_NORM
+
+    @classmethod
+    def sync_equivalent(cls) -> Equivalent:
+        return _CONVERTS_ITS_BATCH_NORM
+
+    @classmethod
+    def frozen_equivalent(cls) -> Equivalent:
+        return _CONVERTS_ITS_BATCH_NORM
 
     def _check_input(self, input: object) -> None:
         who = f"{type(self).__name__}({self.conv.in_channels}, {self.conv.out_channels})"

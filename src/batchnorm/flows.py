@@ -18,6 +18,7 @@ scale and the log-determinant.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from . import backends
 from . import functional as BF
+from ._protocol import BatchNormProtocol, Equivalent, Kept, Refused
 from .modules import check_hyperparameters, check_num_features
 
 __all__ = ["BatchNormFlow"]
@@ -33,7 +35,7 @@ __all__ = ["BatchNormFlow"]
 _MIN_SCALE = 1e-3
 
 
-class BatchNormFlow(nn.Module):
+class BatchNormFlow(BatchNormProtocol, nn.Module):
     r"""Batch normalization as an invertible flow layer with a tractable log-determinant.
 
     ``forward(x)`` normalizes (data to latent) and returns ``(z, logabsdet)``;
@@ -53,6 +55,7 @@ class BatchNormFlow(nn.Module):
         eps: added to the variance inside the square root. Default: 1e-5.
         momentum: weight of the batch in the running statistics, or None for the cumulative
             average. Default: 0.1.
+        device, dtype: of the parameters and buffers. Default: torch's defaults.
 
     Shape:
         x, z: (N, C, \*); logabsdet: (N,), counting all P = prod(\*) positions of a sample.
@@ -75,7 +78,9 @@ class BatchNormFlow(nn.Module):
     batch_mean: Tensor | None
     batch_var: Tensor | None
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, device: Any = None, dtype: Any = None
+    ) -> None:
         super().__init__()
         name = type(self).__name__
         check_num_features(num_features, name)
@@ -84,11 +89,14 @@ class BatchNormFlow(nn.Module):
         self.eps = eps
         self.momentum = momentum
         # softplus(u) + delta = 1 at u = log(exp(1 - delta) - 1): the flow starts as plain normalization.
-        self.unconstrained_weight = nn.Parameter(torch.full((num_features,), math.log(math.expm1(1.0 - _MIN_SCALE))))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        factory = {"device": device, "dtype": dtype}
+        self.unconstrained_weight = nn.Parameter(
+            torch.full((num_features,), math.log(math.expm1(1.0 - _MIN_SCALE)), **factory)
+        )
+        self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         # Statistics of the latest training forward (detached), for inverse() in training mode.
         self.batch_mean = None
         self.batch_var = None
@@ -100,6 +108,18 @@ class BatchNormFlow(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+    @classmethod
+    def torch_equivalent(cls) -> Equivalent:
+        return Kept("torch has no normalizing-flow layer")
+
+    @classmethod
+    def sync_equivalent(cls) -> Equivalent:
+        return Refused("no synchronized form: its log-determinant would need the global batch statistics")
+
+    @classmethod
+    def frozen_equivalent(cls) -> Equivalent:
+        return Refused("a frozen batch norm would drop the log-determinant it returns; use .eval() for a fixed map")
 
     def _check(self, input: object, who: str) -> Tensor:
         BF.check_input(input, who)

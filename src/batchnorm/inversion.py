@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backends
-from .activation import InPlaceABN
-from .modules import _BatchNormBase
+from ._convert import statistics_layers
 
 __all__ = ["InversionResult", "bn_statistics_distance", "invert"]
 
@@ -49,17 +48,6 @@ class InversionResult:
     output: Tensor
 
 
-def _bn_layers(model: nn.Module) -> list[nn.Module]:
-    """Every batch-norm layer (ours or torch's) in ``model`` that has running statistics."""
-    return [
-        module
-        for module in model.modules()
-        if isinstance(module, (_BatchNormBase, nn.modules.batchnorm._BatchNorm))
-        and isinstance(module.running_mean, Tensor)
-        and isinstance(module.running_var, Tensor)
-    ]
-
-
 class _StatisticsPrior:
     """Forward pre-hooks that add up the DeepInversion distance of every batch-norm layer's input."""
 
@@ -69,9 +57,8 @@ class _StatisticsPrior:
         self._handles = [layer.register_forward_pre_hook(self._hook) for layer in layers]
 
     def _hook(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
-        input = inputs[0]
-        if isinstance(module, InPlaceABN):
-            input = input.clone()  # what var_mean saves for backward must outlive the overwrite
+        # A copy: what var_mean saves for backward must outlive an in-place layer's overwrite (InPlaceABN).
+        input = inputs[0].clone()
         mean, var = backends.batch_stats(input)  # (N, C, *) -> (C,), (C,), differentiable
         running_mean, running_var = module.running_mean, module.running_var
         assert isinstance(running_mean, Tensor) and isinstance(running_var, Tensor)
@@ -106,7 +93,7 @@ def bn_statistics_distance(model: nn.Module, input: Tensor) -> float:
         >>> bn_statistics_distance(model, torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
         1.0
     """
-    layers = _bn_layers(model)
+    layers = statistics_layers(model, "invert", frozen=True)
     if not layers:
         raise ValueError("bn_statistics_distance: expected a model with batch-norm running statistics, got none")
     prior = _StatisticsPrior(layers)
@@ -281,7 +268,7 @@ def invert(
     x, shape = _initial_input(model, input_shape, init, seed)
     if tv > 0 and len(shape) < 3:
         raise ValueError(f"invert: tv > 0 needs input (N, C, *) with dimensions after C, got shape {shape}")
-    layers = _bn_layers(model) if bn_prior > 0 else []
+    layers = statistics_layers(model, "invert", frozen=True) if bn_prior > 0 else []
     if bn_prior > 0 and not layers:
         raise ValueError("invert: bn_prior > 0 expected a model with batch-norm running statistics, got none")
 

@@ -9,6 +9,8 @@ expected input rank.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +23,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from . import backends
 from . import functional as BF
 from ._autograd import apply_batch_norm
+from ._protocol import BatchNormProtocol, Equivalent, Kept
 
 __all__ = [
     "BatchNorm",
@@ -66,7 +69,48 @@ def batch_statistics_observable() -> bool:
     return not backends.functorch_active()
 
 
-class _BatchNormBase(_BatchNorm):
+def extends_constructor(
+    base: type[nn.Module], *, after: str = "num_features"
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """The ``__init__`` of a variant, declared once: ``base``'s whole constructor plus the variant's own
+    arguments, which the decorated ``init(self, **own)`` receives once ``base.__init__`` has run.
+
+    The variant's positional parameters go right after ``after`` (``GhostBatchNorm(4, 2)`` is
+    ``virtual_batch_size=2``), its keyword-only ones after ``base``'s. The merged signature is the
+    one ``inspect.signature`` and ``help()`` show, and the one calls are bound against, so a base
+    argument added to ``base`` reaches every variant.
+    """
+
+    def decorate(init: Callable[..., None]) -> Callable[..., None]:
+        base_parameters = list(inspect.signature(base.__init__).parameters.values())
+        own_parameters = list(inspect.signature(init).parameters.values())[1:]  # without self
+        own_names = frozenset(parameter.name for parameter in own_parameters)
+        own_positional = [p for p in own_parameters if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+        own_keyword = [p for p in own_parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        split = [parameter.name for parameter in base_parameters].index(after) + 1
+        positional = [p for p in base_parameters if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+        keyword = [p for p in base_parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        signature = inspect.Signature(
+            [*positional[:split], *own_positional, *positional[split:], *keyword, *own_keyword]
+        )
+
+        @functools.wraps(init)
+        def constructor(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+            del arguments["self"]
+            own = {name: arguments.pop(name) for name in own_names}
+            base.__init__(self, **arguments)
+            init(self, **own)
+
+        constructor.__signature__ = signature  # type: ignore[attr-defined]
+        return constructor
+
+    return decorate
+
+
+class _BatchNormBase(BatchNormProtocol, _BatchNorm):
     """The forward shared by every batch-norm module (torch's ``_BatchNorm`` owns the state)."""
 
     # Expected input ranks, for the error message; subclasses narrow it.
@@ -116,6 +160,21 @@ class _BatchNormBase(_BatchNorm):
 
     def extra_repr(self) -> str:
         return str(super().extra_repr())  # type: ignore[no-untyped-call]
+
+    # The tools' protocol (batchnorm._protocol): a plain batch norm synchronizes and freezes as
+    # one; the variants override what differs. Imported here: those modules import this one.
+
+    @classmethod
+    def sync_equivalent(cls) -> Equivalent:
+        from .sync import SyncBatchNorm
+
+        return SyncBatchNorm
+
+    @classmethod
+    def frozen_equivalent(cls) -> Equivalent:
+        from .variants import FrozenBatchNorm
+
+        return FrozenBatchNorm
 
     # -----------------------------------------------------------------------------------------
 
@@ -365,12 +424,20 @@ class BatchNorm(_BatchNormBase):
         (torch.Size([8, 3, 2, 2, 2, 2]), 1)
     """
 
+    @classmethod
+    def torch_equivalent(cls) -> Equivalent:
+        return Kept("torch has no batch norm for inputs of any rank")
+
 
 class BatchNorm1d(_BatchNormBase, nn.BatchNorm1d):
     """:class:`BatchNorm` over 2D (N, C) or 3D (N, C, L) input, as ``torch.nn.BatchNorm1d``."""
 
     _input_dims = (2, 3)
     _input_layout = "(N, C) or (N, C, L)"
+
+    @classmethod
+    def torch_equivalent(cls) -> Equivalent:
+        return nn.BatchNorm1d
 
 
 class BatchNorm2d(_BatchNormBase, nn.BatchNorm2d):
@@ -379,12 +446,20 @@ class BatchNorm2d(_BatchNormBase, nn.BatchNorm2d):
     _input_dims = (4,)
     _input_layout = "(N, C, H, W)"
 
+    @classmethod
+    def torch_equivalent(cls) -> Equivalent:
+        return nn.BatchNorm2d
+
 
 class BatchNorm3d(_BatchNormBase, nn.BatchNorm3d):
     """:class:`BatchNorm` over 5D (N, C, D, H, W) input, as ``torch.nn.BatchNorm3d``."""
 
     _input_dims = (5,)
     _input_layout = "(N, C, D, H, W)"
+
+    @classmethod
+    def torch_equivalent(cls) -> Equivalent:
+        return nn.BatchNorm3d
 
 
 class _LazyBatchNormBase:

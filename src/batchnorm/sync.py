@@ -29,12 +29,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import backends
 from . import functional as BF
 from ._autograd import affine_tangent, normalized, parameter_dtype, without_jvp
-from ._convert import rebuild, swap_modules
+from ._convert import convert_batch_norms
 from ._masked import (
     masked_forward,
     masked_input_grad,
@@ -44,7 +43,8 @@ from ._masked import (
     spread,
     valid_count,
 )
-from .modules import BatchNorm, batch_statistics_observable, fx_leaf_call
+from ._protocol import Equivalent, Kept
+from .modules import BatchNorm, batch_statistics_observable, extends_constructor, fx_leaf_call
 
 __all__ = ["SyncBatchNorm"]
 
@@ -214,7 +214,7 @@ class SyncBatchNorm(BatchNorm):
     with running statistics (eval), it computes exactly as :class:`batchnorm.BatchNorm`.
 
     Args:
-        num_features, eps, momentum, affine, track_running_stats, skip_nonfinite: as
+        num_features, eps, momentum, affine, track_running_stats, bias, skip_nonfinite: as
             :class:`batchnorm.BatchNorm`.
         process_group: the group to synchronize over; None (default) is the default group.
 
@@ -229,32 +229,17 @@ class SyncBatchNorm(BatchNorm):
         True
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group: Any = None,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        bias: bool = True,
-        skip_nonfinite: bool = True,
-    ) -> None:
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias=bias,
-            skip_nonfinite=skip_nonfinite,
-        )
+    @extends_constructor(BatchNorm, after="track_running_stats")
+    def __init__(self, process_group: Any = None) -> None:
         self.process_group = process_group
+
+    @classmethod
+    def torch_equivalent(cls) -> Equivalent:
+        return nn.SyncBatchNorm
+
+    @classmethod
+    def sync_equivalent(cls) -> Equivalent:
+        return Kept("already synchronized (over the process group it was given)")
 
     def _world_size(self) -> int:
         if not dist.is_available() or not dist.is_initialized():
@@ -303,16 +288,20 @@ class SyncBatchNorm(BatchNorm):
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
-        """Replace every batch norm in ``module`` (torch's and ours) by a :class:`SyncBatchNorm`.
+        """Replace every batch norm in ``module`` (torch's and ours) by its synchronized form.
 
         As torch's ``convert_sync_batchnorm``: children are replaced in place and the (possibly
         new) root is returned; the new layers share the old ones' parameters and buffers and keep
-        their mode, device and dtype. :class:`batchnorm.BatchNormAct` and
-        :class:`batchnorm.InPlaceABN` become :class:`batchnorm.SyncBatchNormAct` (the same
-        activation; not in place), and the batch norm inside ``ConvBatchNorm*d`` becomes a
-        :class:`SyncBatchNorm`, which that module then runs over the group. The batch-norm
-        variants (ghost, renorm, frozen) and existing :class:`SyncBatchNorm` layers are left alone.
-        Nothing changes when it raises (a lazy batch norm that has not seen an input).
+        their mode, device and dtype. Each class declares its synchronized form
+        (``sync_equivalent()``): torch's batch norms and ours become :class:`SyncBatchNorm`;
+        :class:`batchnorm.BatchNormAct` and :class:`batchnorm.InPlaceABN` become
+        :class:`batchnorm.SyncBatchNormAct` (the same activation; not in place); the batch norm
+        inside ``ConvBatchNorm*d`` becomes a :class:`SyncBatchNorm`, which that module then runs
+        over the group. Kept as they are: synchronized and frozen layers, and
+        :class:`batchnorm.GhostBatchNorm` (each rank splits its own batch). Refused:
+        :class:`batchnorm.BatchRenorm` and :class:`batchnorm.BatchNormFlow` (no synchronized
+        form), and batch-norm-like classes it does not know (another library's subclass of torch's
+        batch norm). Nothing changes when it raises: ``ValueError`` naming the module and why.
 
         Example:
             >>> import torch, batchnorm
@@ -321,21 +310,4 @@ class SyncBatchNorm(BatchNorm):
             >>> type(model[1]).__name__
             'SyncBatchNorm'
         """
-        from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase, _LazyBatchNormBase
-
-        ours = (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d)
-
-        from .activation import SyncBatchNormAct, _ActivatedBatchNorm
-
-        def convert(child: nn.Module, path: str) -> nn.Module | None:
-            # torch's batch norms (its SyncBatchNorm included) and our plain ones; not the variants.
-            torch_own = isinstance(child, _BatchNorm) and not isinstance(child, _BatchNormBase)
-            if torch_own or type(child) in ours or isinstance(child, _LazyBatchNormBase):
-                return rebuild(child, cls, path, process_group=process_group)
-            if isinstance(child, _ActivatedBatchNorm) and not isinstance(child, SyncBatchNorm):
-                # BatchNormAct and InPlaceABN: the same batch norm and activation, synchronized.
-                activation = {"activation": child.activation, "activation_param": child.activation_param}
-                return rebuild(child, SyncBatchNormAct, path, process_group=process_group, **activation)
-            return None
-
-        return swap_modules(module, convert)
+        return convert_batch_norms(module, "sync", "convert_sync_batchnorm", process_group=process_group)

@@ -25,11 +25,24 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from . import modules as M
-from ._convert import check_materialized, describe, is_batch_norm, rebuild, swap_modules
+from ._convert import (
+    batch_norm_like,
+    check_known,
+    check_materialized,
+    check_materialized_batch_norms,
+    convert_batch_norms,
+    convert_to,
+    declares_protocol,
+    describe,
+    equivalent,
+    known,
+    rebuild,
+    statistics_layers,
+    swap_modules,
+)
 from ._masked import masked_stats, resolve_mask, valid_count
-from .activation import BatchNormAct, BatchNormAct2d, FrozenBatchNormAct, _ActivatedBatchNorm
+from .activation import BatchNormAct, BatchNormAct2d
 from .sync import SyncBatchNorm
-from .variants import FrozenBatchNorm
 
 __all__ = [
     "fold",
@@ -42,11 +55,6 @@ __all__ = [
     "to_torch",
 ]
 
-#: Batch norms whose eval mode is exactly the per-channel affine map of their running statistics:
-#: torch's, ours (the ghost, renorm and sync variants included: their eval is plain batch norm)
-#: and FrozenBatchNorm. These are the ones fold and freeze replace.
-AFFINE_BATCH_NORMS: tuple[type[nn.Module], ...] = (_BatchNorm, M.BatchNorm, M.BatchNorm1d, M.BatchNorm2d, M.BatchNorm3d)
-
 _TO_OURS: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm1d: M.BatchNorm1d,
     nn.BatchNorm2d: M.BatchNorm2d,
@@ -56,9 +64,14 @@ _TO_OURS: dict[type[nn.Module], type[nn.Module]] = {
 _TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {ours: theirs for theirs, ours in _TO_OURS.items()}
 
 
-def _is_affine_batch_norm(module: object) -> bool:
-    """One of AFFINE_BATCH_NORMS or a FrozenBatchNorm (a helper, so that mypy keeps the type)."""
-    return isinstance(module, (*AFFINE_BATCH_NORMS, FrozenBatchNorm))
+def _eval_is_affine(module: nn.Module) -> bool:
+    """Eval mode is the per-channel affine map of the running statistics (then the fused
+    activation, if any): what fold and freeze rely on. Exactly the modules that freeze, or are
+    frozen already."""
+    if not known(module):
+        return False
+    answer = equivalent(module, "frozen")
+    return isinstance(answer, type) or (declares_protocol(module) and not getattr(module, "tracks_statistics", True))
 
 
 def _check_model(model: object, caller: str) -> None:
@@ -71,12 +84,16 @@ def _check_model(model: object, caller: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _eval_affine(bn: Any, who: str) -> tuple[Tensor, Tensor]:
+def _eval_affine(module: object, who: str) -> tuple[Tensor, Tensor]:
     """(a, c) of BN(z) = a * z + c, both (C,) in float64, from an eval-mode batch norm."""
-    if not _is_affine_batch_norm(bn):
-        raise TypeError(f"{who}: expected a batch norm (torch's or batchnorm's), got {type(bn).__name__}")
+    bn: Any = module
+    if not isinstance(module, nn.Module) or not _eval_is_affine(module):
+        raise TypeError(
+            f"{who}: expected a batch norm (torch's or batchnorm's) whose eval mode is an affine map, "
+            f"got {type(bn).__name__}"
+        )
     check_materialized(bn, "")
-    if bn.training and not isinstance(bn, FrozenBatchNorm):
+    if bn.training and getattr(bn, "tracks_statistics", True):
         raise ValueError(f"{who}: expected the batch norm in eval mode (call .eval()), got training mode")
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(
@@ -161,28 +178,68 @@ def fold_linear_bn(linear: nn.Module, bn: nn.Module) -> nn.Module:
 
 
 def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
-    if not _is_affine_batch_norm(bn) or getattr(bn, "running_mean", None) is None:
+    if not _eval_is_affine(bn) or getattr(bn, "running_mean", None) is None:
         return False
     if isinstance(layer, _ConvNd):
         return bool(bn.num_features == layer.out_channels)
     return isinstance(layer, nn.Linear) and bool(bn.num_features == layer.out_features)
 
 
-def fold(model: nn.Module) -> nn.Module:
+def _what_remains(bn: nn.Module) -> nn.Module:
+    """What a folded batch norm leaves behind: its fused activation, or nothing."""
+    activation = bn.fused_activation() if declares_protocol(bn) else None
+    return nn.Identity() if activation is None else activation
+
+
+def _input_ranks(model: nn.Module, layers: list[nn.Module], example_input: Any) -> dict[nn.Module, int]:
+    """The rank of the input each of ``layers`` receives when ``model`` runs ``example_input``."""
+    ranks: dict[nn.Module, int] = {}
+
+    def record(layer: nn.Module, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], Tensor):
+            ranks[layer] = args[0].dim()
+
+    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    try:
+        with torch.no_grad():
+            # A clone: an in-place layer (InPlaceABN) would overwrite the caller's tensor.
+            model(example_input.clone() if isinstance(example_input, Tensor) else example_input)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return ranks
+
+
+def fold(model: nn.Module, *, example_input: Any = None) -> nn.Module:
     """A new eval-mode model with every batch norm that follows a convolution or linear layer folded.
 
     The rule for "follows": the two are consecutive children of an ``nn.Sequential`` (the only
     container whose order of children is the order of execution). The layer is a
-    ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` or ``Linear``; the batch norm is torch's or ours
-    (or a FrozenBatchNorm), has running statistics, and normalizes the layer's output channels.
-    The layer becomes :func:`fold_conv_bn` / :func:`fold_linear_bn` of the pair and the batch
-    norm becomes ``nn.Identity`` (a :class:`BatchNormAct` or :class:`InPlaceABN` becomes its
-    activation, e.g. ``nn.ReLU``), so the module names stay. Batch norms that follow anything
-    else are kept. ``model`` itself does not change.
+    ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` or ``Linear``; the batch norm is any whose eval
+    mode is the affine map of its running statistics (torch's, ours, frozen ones, fused ones
+    followed by their activation), has running statistics, and normalizes the layer's output
+    channels. The layer becomes :func:`fold_conv_bn` / :func:`fold_linear_bn` of the pair and the
+    batch norm becomes ``nn.Identity`` (a :class:`BatchNormAct` or :class:`InPlaceABN` becomes its
+    activation, e.g. ``nn.ReLU``), so the module names stay. A ``ConvBatchNorm*d`` becomes its
+    convolution with its batch norm folded in. Batch norms that follow anything else are kept.
+    ``model`` itself does not change.
+
+    A ``Linear`` followed by a batch norm folds only when the batch norm normalizes the Linear's
+    output features, i.e. its input is 2D (N, features): on (N, C, L) input the Linear acts on L
+    and the batch norm on C, and no weight can hold the pair. The modules alone cannot show which
+    it is, so such pairs fold only when ``example_input`` (one input of ``model``, run once on a
+    copy, in eval mode, without gradients) proves that the batch norm receives 2D input; without
+    ``example_input`` they are kept, with a warning naming them.
+
+    Args:
+        model: an eval-mode model (not changed).
+        example_input: an input for ``model``, to tell which Linear -> batch norm pairs fold
+            (keyword-only). Default: None (those pairs are kept).
 
     Raises:
         ValueError: ``model`` or one of its modules is in training mode (folding uses the running
-            statistics, which training mode does not).
+            statistics, which training mode does not); a batch-norm-like module fold does not
+            know (another library's subclass of torch's batch norm), naming it.
 
     Example:
         >>> import torch, batchnorm
@@ -197,6 +254,9 @@ def fold(model: nn.Module) -> nn.Module:
         >>> x = torch.randn(3, 2, 10)
         >>> torch.allclose(folded(x), model(x), atol=1e-6)
         True
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(5, 3), batchnorm.BatchNorm1d(3)).eval()
+        >>> batchnorm.fold(mlp, example_input=torch.randn(2, 5))[1]
+        Identity()
     """
     _check_model(model, "fold")
     training = [path or "the model" for path, module in model.named_modules() if module.training]
@@ -205,20 +265,51 @@ def fold(model: nn.Module) -> nn.Module:
             f"fold: expected a model in eval mode (call model.eval()), got training mode in {', '.join(training[:3])}"
             + (f" and {len(training) - 3} more" if len(training) > 3 else "")
         )
-    _check_batch_norms_materialized(model)
+    check_materialized_batch_norms(model)
+    check_known(model, "fold")
     folded = copy.deepcopy(model)
-    for container in [module for module in folded.modules() if isinstance(module, nn.Sequential)]:
-        names = list(container._modules)
-        for first, second in itertools.pairwise(names):
-            layer, bn = container._modules[first], container._modules[second]
-            if layer is not None and bn is not None and _foldable(layer, bn):
-                fold_pair = fold_linear_bn if isinstance(layer, nn.Linear) else fold_conv_bn
-                container._modules[first] = fold_pair(layer, bn)
-                # A fused block keeps its activation; a plain batch norm vanishes.
-                container._modules[second] = (
-                    bn.activation_module() if isinstance(bn, _ActivatedBatchNorm) else nn.Identity()
-                )
-    return folded
+    pairs = [
+        (container, first, second)
+        for container in folded.modules()
+        if isinstance(container, nn.Sequential)
+        for first, second in itertools.pairwise(list(container._modules))
+        if _foldable(container._modules[first], container._modules[second])
+    ]
+    after_linear = [
+        container._modules[second]
+        for container, first, second in pairs
+        if isinstance(container._modules[first], nn.Linear)
+    ]
+    ranks = {} if example_input is None or not after_linear else _input_ranks(folded, after_linear, example_input)
+    if example_input is None and after_linear:
+        names = [describe(bn, path) for path, bn in folded.named_modules() if any(bn is m for m in after_linear)]
+        warnings.warn(
+            f"fold: kept {len(names)} batch norm(s) after a Linear: {', '.join(names)}; they fold only when the "
+            f"batch norm's input is 2D (N, features), which fold(model, example_input=...) checks",
+            UserWarning,
+            stacklevel=2,
+        )
+    for container, first, second in pairs:
+        layer, bn = container._modules[first], container._modules[second]
+        assert layer is not None and bn is not None
+        if isinstance(layer, nn.Linear) and ranks.get(bn) != 2:
+            continue
+        fold_pair = fold_linear_bn if isinstance(layer, nn.Linear) else fold_conv_bn
+        container._modules[first] = fold_pair(layer, bn)
+        container._modules[second] = _what_remains(bn)
+
+    def fold_fused(module: nn.Module, path: str) -> nn.Module | None:
+        """A convolution + batch norm module folded into its convolution (the pair's own rule)."""
+        if not declares_protocol(module):
+            return None
+        convolution, state = module.fused_convolution(), module.batch_norm_state()
+        if convolution is None:
+            return None
+        if state.running_mean is None or state.running_var is None:
+            return None
+        return fold_conv_bn(convolution, state)
+
+    return swap_modules(folded, fold_fused)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,11 +414,7 @@ def recalibrate(
         isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches <= 0
     ):
         raise ValueError(f"recalibrate: expected num_batches to be a positive int or None, got {num_batches!r}")
-    layers: list[Any] = [
-        module
-        for module in model.modules()
-        if is_batch_norm(module) and module.running_mean is not None and module.running_var is not None
-    ]
+    layers = statistics_layers(model, "recalibrate", frozen=False)
     pooled = {layer: _PooledStats() for layer in layers}
     modes = {module: module.training for module in model.modules()}
     saved = {layer: (layer.momentum, [t.clone() for t in _state(layer)]) for layer in layers}
@@ -383,34 +470,6 @@ def _state(layer: nn.Module) -> list[Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_batch_norms_materialized(model: nn.Module) -> None:
-    """Before the deep copy, which cannot copy a lazy module's uninitialized parameters."""
-    for path, module in model.named_modules():
-        if is_batch_norm(module):
-            check_materialized(module, path)
-
-
-def _swap_types(
-    model: nn.Module,
-    mapping: dict[type[nn.Module], type[nn.Module]],
-    caller: str,
-    known: Any = None,
-) -> nn.Module:
-    """A deep copy of ``model`` with every module whose exact type is in ``mapping`` rebuilt as the
-    mapped class; ``known(module, path)`` may convert further modules (or return None)."""
-    _check_model(model, caller)
-    _check_batch_norms_materialized(model)
-
-    def convert(module: nn.Module, path: str) -> nn.Module | None:
-        target = mapping.get(type(module))
-        if target is None:
-            return None if known is None else known(module, path)
-        extra = {"process_group": module.process_group} if target in (SyncBatchNorm, nn.SyncBatchNorm) else {}
-        return rebuild(module, target, path, **extra)
-
-    return swap_modules(copy.deepcopy(model), convert)
-
-
 # timm's batch norm + activation family: subclasses of torch's batch norm with children ``act``
 # (the activation) and ``drop`` (identity unless dropout is asked for), computing act(drop(BN(x))).
 _TIMM_NORM_ACT = ("BatchNormAct2d", "SyncBatchNormAct")
@@ -444,13 +503,6 @@ def _convert_norm_act(module: nn.Module, path: str) -> nn.Module | None:
     return rebuild(module, partial(fused, activation=name, activation_param=param), path)
 
 
-def _batch_norm_like(module: nn.Module) -> bool:
-    """A module that normalizes with batch statistics or keeps running ones, by type or by state."""
-    if isinstance(module, _BatchNorm):
-        return True
-    return "batchnorm" in type(module).__name__.lower() and isinstance(getattr(module, "running_mean", None), Tensor)
-
-
 def from_torch(model: nn.Module, *, strict: bool = False) -> nn.Module:
     """A new model with torch's batch norms replaced by ours.
 
@@ -473,18 +525,20 @@ def from_torch(model: nn.Module, *, strict: bool = False) -> nn.Module:
     if not isinstance(strict, bool):
         raise TypeError(f"from_torch: expected strict to be a bool, got {type(strict).__name__}")
     _check_model(model, "from_torch")
+    check_materialized_batch_norms(model)
     left = [
         describe(module, path)
         for path, module in model.named_modules()
-        if _batch_norm_like(module)
-        and type(module) not in _TO_OURS
-        and not isinstance(module, M._BatchNormBase)
-        and not isinstance(module, FrozenBatchNorm)
-        and _convert_norm_act(module, path) is None
+        if batch_norm_like(module) and not known(module) and _convert_norm_act(module, path) is None
     ]
     if left and strict:
         raise ValueError(f"from_torch: expected only batch norms it can convert, got {', '.join(left)}")
-    converted = _swap_types(model, _TO_OURS, "from_torch", known=_convert_norm_act)
+
+    def convert(module: nn.Module, path: str) -> nn.Module | None:
+        target = _TO_OURS.get(type(module))
+        return _convert_norm_act(module, path) if target is None else convert_to(module, target, path)
+
+    converted = swap_modules(copy.deepcopy(model), convert)
     if left:
         warnings.warn(
             f"from_torch: left {len(left)} batch-norm-like module(s) it cannot convert unchanged: {', '.join(left)}",
@@ -495,27 +549,35 @@ def from_torch(model: nn.Module, *, strict: bool = False) -> nn.Module:
 
 
 def to_torch(model: nn.Module) -> nn.Module:
-    """A new model with our ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` replaced by torch's.
+    """A new model with our batch norms replaced by torch's, where torch has the class.
 
-    Weights, buffers, mode, device and dtype are kept; ``model`` does not change. Modules with
-    no torch counterpart (the rank-agnostic ``BatchNorm``, the ghost, renorm and frozen variants)
-    are kept as they are.
+    ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` become torch's; the batch norm inside
+    ``ConvBatchNorm*d`` becomes torch's (the module then runs the pair unfused). Weights,
+    buffers, mode, device and dtype are kept; ``model`` does not change. Modules with no torch
+    counterpart (the rank-agnostic ``BatchNorm``, the ghost, renorm, frozen, fused and flow
+    modules) are kept as they are (``docs/compat.md`` lists them). Raises ValueError, before
+    anything is built, for a batch-norm-like module it does not know.
 
     Example:
         >>> import torch, batchnorm
         >>> type(batchnorm.to_torch(torch.nn.Sequential(batchnorm.BatchNorm2d(4)))[0])
         <class 'torch.nn.modules.batchnorm.BatchNorm2d'>
     """
-    return _swap_types(model, _TO_TORCH, "to_torch")
+    _check_model(model, "to_torch")
+    check_materialized_batch_norms(model)
+    return convert_batch_norms(copy.deepcopy(model), "torch", "to_torch")
 
 
 def freeze(model: nn.Module) -> nn.Module:
     """A new model with every batch norm (torch's and ours) replaced by a :class:`FrozenBatchNorm`
-    (a :class:`FrozenBatchNormAct` for :class:`BatchNormAct` and :class:`InPlaceABN`).
+    (a :class:`FrozenBatchNormAct` for :class:`BatchNormAct`, :class:`InPlaceABN` and
+    :class:`SyncBatchNormAct`; the batch norm inside ``ConvBatchNorm*d`` is frozen in place).
 
     Each frozen layer computes what the batch norm computes in eval mode, whatever the model's
     mode; its weight and bias become buffers, so they no longer train. ``model`` does not change.
-    Raises ValueError for a batch norm without running statistics, naming it.
+    Raises ValueError, naming it, for a batch norm without running statistics, a
+    :class:`BatchNormFlow` (a frozen batch norm would drop its log-determinant) and a
+    batch-norm-like module it does not know, before anything is built.
 
     Example:
         >>> import torch, batchnorm
@@ -524,38 +586,9 @@ def freeze(model: nn.Module) -> nn.Module:
         (FrozenBatchNorm(4, eps=1e-05), [])
     """
     _check_model(model, "freeze")
-    _check_batch_norms_materialized(model)
-
-    def convert(module: Any, path: str) -> nn.Module | None:
-        if not _is_affine_batch_norm(module) or isinstance(module, FrozenBatchNorm):
-            return None
-        if module.running_mean is None or module.running_var is None:
-            raise ValueError(
-                f"freeze: expected every batch norm to have running statistics, got {describe(module, path)} "
-                f"without (track_running_stats=False)"
-            )
-        factory = {"device": module.running_mean.device, "dtype": module.running_mean.dtype}
-        frozen: FrozenBatchNorm
-        if isinstance(module, _ActivatedBatchNorm):
-            frozen = FrozenBatchNormAct(
-                module.num_features,
-                module.eps,
-                **factory,
-                activation=module.activation,
-                activation_param=module.activation_param,
-            )
-        else:
-            frozen = FrozenBatchNorm(module.num_features, module.eps, **factory)
-        frozen.running_mean = module.running_mean.detach().clone()
-        frozen.running_var = module.running_var.detach().clone()
-        if module.weight is not None:
-            frozen.weight = module.weight.detach().clone()
-        if module.bias is not None:
-            frozen.bias = module.bias.detach().clone()
-        frozen.train(module.training)
-        return frozen
-
-    return swap_modules(copy.deepcopy(model), convert)
+    check_materialized_batch_norms(model)
+    check_known(model, "freeze")
+    return convert_batch_norms(copy.deepcopy(model), "frozen", "freeze")
 
 
 # ---------------------------------------------------------------------------------------------

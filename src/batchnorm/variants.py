@@ -16,7 +16,8 @@ from . import backends
 from . import functional as BF
 from ._autograd import apply_batch_norm
 from ._masked import check_valid_count, resolve_mask
-from .modules import BatchNorm, check_num_features
+from ._protocol import BatchNormProtocol, Equivalent, Kept, Refused
+from .modules import BatchNorm, check_num_features, extends_constructor
 
 __all__ = ["BatchRenorm", "FrozenBatchNorm", "GhostBatchNorm", "renorm_schedule"]
 
@@ -51,36 +52,21 @@ class GhostBatchNorm(BatchNorm):
         (True, 2)
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        virtual_batch_size: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        bias: bool = True,
-        skip_nonfinite: bool = True,
-    ) -> None:
+    @extends_constructor(BatchNorm)
+    def __init__(self, virtual_batch_size: int) -> None:
         if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size <= 0:
             raise ValueError(
                 f"GhostBatchNorm: expected virtual_batch_size to be a positive int, got {virtual_batch_size!r}"
             )
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias=bias,
-            skip_nonfinite=skip_nonfinite,
-        )
         self.virtual_batch_size = virtual_batch_size
+
+    @classmethod
+    def torch_equivalent(cls) -> Equivalent:
+        return Kept("torch has no ghost batch norm")
+
+    @classmethod
+    def sync_equivalent(cls) -> Equivalent:
+        return Kept("each rank splits its own batch into virtual batches, whose statistics are local by design")
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
@@ -143,35 +129,19 @@ class BatchRenorm(BatchNorm):
         True
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        rmax: float = 3.0,
-        dmax: float = 5.0,
-        bias: bool = True,
-        skip_nonfinite: bool = True,
-    ) -> None:
+    @extends_constructor(BatchNorm)
+    def __init__(self, *, rmax: float = 3.0, dmax: float = 5.0) -> None:
         _check_limits(rmax, dmax, "BatchRenorm")
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias=bias,
-            skip_nonfinite=skip_nonfinite,
-        )
         self.rmax = float(rmax)
         self.dmax = float(dmax)
+
+    @classmethod
+    def torch_equivalent(cls) -> Equivalent:
+        return Kept("torch has no batch renormalization")
+
+    @classmethod
+    def sync_equivalent(cls) -> Equivalent:
+        return Refused("no synchronized batch renormalization: its r and d would need the global batch statistics")
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}"
@@ -252,7 +222,7 @@ def renorm_schedule(
     return 1.0 + (float(rmax) - 1.0) * ramp(rmax_ramp_steps), float(dmax) * ramp(dmax_ramp_steps)
 
 
-class FrozenBatchNorm(nn.Module):
+class FrozenBatchNorm(BatchNormProtocol, nn.Module):
     r"""Batch norm as a fixed affine map: ``y = weight * (x - running_mean) / sqrt(running_var + eps) + bias``.
 
     Everything is a buffer (``weight``, ``bias``, ``running_mean``, ``running_var``); there are no
@@ -284,6 +254,9 @@ class FrozenBatchNorm(nn.Module):
     running_mean: Tensor
     running_var: Tensor
 
+    # Fixed statistics: nothing to recalibrate, synchronize or freeze.
+    tracks_statistics = False
+
     def __init__(self, num_features: int, eps: float = 1e-5, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
         check_num_features(num_features, type(self).__name__)
@@ -298,6 +271,18 @@ class FrozenBatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
+
+    @classmethod
+    def torch_equivalent(cls) -> Equivalent:
+        return Kept("torch has no frozen batch norm")
+
+    @classmethod
+    def sync_equivalent(cls) -> Equivalent:
+        return Kept("its statistics are fixed: nothing to synchronize")
+
+    @classmethod
+    def frozen_equivalent(cls) -> Equivalent:
+        return Kept("already frozen")
 
     def _load_from_state_dict(
         self,
