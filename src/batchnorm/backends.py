@@ -528,6 +528,19 @@ def _native_backward_eval(
     return kernel(dy, x, weight, mean, invstd, need_input_grad, need_param_grads)
 
 
+def _aten_forward_eval(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Inference forward as torch's ``batch_norm`` (for exporters, which know that op): (y, r)."""
+    y = torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+    return y, torch.rsqrt(var + eps)
+
+
+ONNX_EXPORT = Kernels(EAGER.forward_train, _aten_forward_eval, EAGER.backward_train, EAGER.backward_eval)
+"""Under ONNX export: the eval forward as torch's batch norm, which the exporter emits as one
+``BatchNormalization`` (that runtimes fold into the preceding convolution); the eager kernels
+for the rest."""
+
 NATIVE = Kernels(_native_forward_train, _native_forward_eval, _native_backward_train, _native_backward_eval)
 """The native kernels, for the inputs they take; the eager kernels for the rest."""
 
@@ -616,7 +629,16 @@ def kernels_for(x: Tensor, *, create_graph: bool = False) -> Kernels:
     takes the native kernels for CPU input where they are built.
     """
     name = get_backend()
-    if create_graph or _transforms_active() or name == "eager":
+    if create_graph or name == "eager":
+        return EAGER
+    if torch.onnx.is_in_onnx_export():
+        # ONNX has a batch-norm operator, and exporters emit it for torch's batch norm only.
+        return ONNX_EXPORT
+    if torch.compiler.is_exporting() and name != "compiled" and x.device.type == "cpu" and native_available():
+        # torch.export keeps each native call as one opaque node (its fake kernel gives the
+        # shapes), where the eager kernels would put a dozen tensor operations in the graph.
+        return NATIVE
+    if _transforms_active():
         return EAGER
     if name == "compiled":
         return COMPILED
