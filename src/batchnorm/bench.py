@@ -420,13 +420,20 @@ def _eval_pass(model: nn.Module, x: Tensor) -> Callable[[], None]:
 
 
 def bench_network(
-    network: Network, backend: str, device: torch.device, repeats: int, warmup: int
+    network: Network,
+    backend: str,
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[EndToEnd, EndToEnd]:
-    """(training step, eval pass) of ``network`` with ours against torch's, same weights."""
+    """(training step, eval pass) of ``network`` with ours against torch's, same weights; under
+    autocast to ``dtype`` when it is not float32 (float32 weights, as mixed-precision training)."""
     ours_model, torch_model = _build_pair(network, device)
     x, target = _batch(network, device)
     batch = network.input_shape[0]
-    with backends.using_backend(backend):
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    with backends.using_backend(backend), autocast:
         train = interleaved_spreads(
             [_training_step(ours_model, x, target), _training_step(torch_model, x, target)], repeats, warmup, device
         )
@@ -640,7 +647,7 @@ def run(
     end_to_end: list[EndToEnd] = []
     for network in networks:
         announce(f"{network.name} training step and eval pass, batch {network.input_shape[0]}")
-        end_to_end += bench_network(network, backend, target, repeats, warmup)
+        end_to_end += bench_network(network, backend, target, repeats, warmup, dtype)
     first: FirstStep | None = None
     if first_step:
         announce(f"{FIRST_STEP_NETWORK} first training step in fresh processes")
