@@ -143,6 +143,18 @@ def test_cli_bad_input_is_one_line_and_exit_2(
     assert err.count("\n") == 1 and phrase in err and "Traceback" not in err
 
 
+def test_cli_interrupted_is_one_line_and_exit_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(**_: object) -> bench.Results:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run", interrupted)
+    assert cli.main(["bench", "--quick"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "batchnorm bench: interrupted; no results written"
+
+
 def test_network_bench_starts_both_models_from_the_same_weights() -> None:
     built: list[torch.nn.Module] = []
 

@@ -166,14 +166,18 @@ def run_bench_command(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.memory:
         return run_memory_bench(args)
-    results = bench.run(
-        backend=args.backend,
-        device=args.device,
-        dtype=getattr(torch, args.dtype),
-        quick=args.quick,
-        shapes=args.shapes,
-        json_path=args.json,
-    )
+    try:
+        results = bench.run(
+            backend=args.backend,
+            device=args.device,
+            dtype=getattr(torch, args.dtype),
+            quick=args.quick,
+            shapes=args.shapes,
+            json_path=args.json,
+        )
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; no results written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(results.format())
     return 0
 
