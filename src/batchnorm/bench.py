@@ -605,6 +605,8 @@ def _peak(row: Row) -> str:
 
 @dataclass
 class Results:
+    """Everything one ``batchnorm bench`` run measured; ``format()`` is what the command prints."""
+
     rows: list[Row]
     end_to_end: list[EndToEnd]
     first_step: FirstStep | None
