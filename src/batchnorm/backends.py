@@ -636,14 +636,18 @@ def kernels_for(x: Tensor, *, create_graph: bool = False) -> Kernels:
     Inside a ``torch.compile`` region, under torch.func transforms and for double backward the
     eager kernels run: the outer compiler fuses them itself, the native ops have no batching
     rule, and neither a compiled nor a native kernel can be differentiated twice. ``"auto"``
-    takes the native kernels for CPU input where they are built.
+    takes the native kernels for CPU input where they are built. Under ``torch.export`` the
+    native kernels run where they take the input (one graph node per call), and under ONNX
+    export, whatever the backend, :data:`ONNX_EXPORT`.
     """
-    name = get_backend()
-    if create_graph or name == "eager":
+    if create_graph:
         return EAGER
     if onnx_exporting():
         # ONNX has a batch-norm operator, and exporters emit it for torch's batch norm only.
         return ONNX_EXPORT
+    name = get_backend()
+    if name == "eager":
+        return EAGER
     if torch.compiler.is_exporting() and name != "compiled" and x.device.type == "cpu" and native_available():
         # torch.export keeps each native call as one opaque node (its fake kernel gives the
         # shapes), where the eager kernels would put a dozen tensor operations in the graph.
