@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo figures compat-table test test-torch-control lint typecheck bench clean
+.PHONY: demo figures compat-table test test-torch-control lint typecheck bench gpu-check clean
 
 # The native kernels (setup.py, csrc/) build against the installed torch, so without pip's build
 # isolation: torch and the build tools first, then the package.
@@ -43,5 +43,11 @@ test-torch-control: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/batchnorm bench
 
+# Every check that needs a CUDA device, in at most 8 minutes (scripts/gpu_check.sh): the CUDA
+# test cases, the benchmark on CUDA in float32 and bfloat16, the CUDA memory benchmark. Results
+# and a markdown block for docs/benchmarks.md under gpu-check/ (or the folder in $OUT).
+gpu-check: $(STAMP)
+	PYTHON=$(BIN)/python scripts/gpu_check.sh
+
 clean:
-	rm -rf $(VENV) build src/batchnorm/_C.*.so bn-report .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build gpu-check src/batchnorm/_C.*.so bn-report .pytest_cache .mypy_cache .ruff_cache

@@ -1,11 +1,12 @@
 """Whole models converted by ``batchnorm.from_torch``, against the unconverted torch model.
 
-Two small networks written here in the style of the libraries people convert: a ResNet
-(torchvision's BasicBlock with its ``downsample`` branch) and a MobileNet (depthwise convolutions,
-inverted residuals) built on a ``BatchNormAct2d`` as timm's ``timm/layers/norm_act.py`` defines
-it. The converted model must compute what the torch model computes (outputs, gradients, running
-statistics) and keep working with the tools that walk or trace a model: ``isinstance`` loops,
-``torch.fx``, ``torch.ao.quantization.fuse_modules`` and ``torch.jit.trace``.
+Two small networks in the style of the libraries people convert: a ResNet (torchvision's
+BasicBlock with its ``downsample`` branch, from :mod:`batchnorm.experiments.models` with torch's
+batch norm) and a MobileNet (depthwise convolutions, inverted residuals) built on a
+``BatchNormAct2d`` as timm's ``timm/layers/norm_act.py`` defines it. The converted model must
+compute what the torch model computes (outputs, gradients, running statistics) and keep working
+with the tools that walk or trace a model: ``isinstance`` loops, ``torch.fx``,
+``torch.ao.quantization.fuse_modules`` and ``torch.jit.trace``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import batchnorm
+from batchnorm.experiments.models import BasicBlock
 
 from .conftest import assert_state_equal, tolerances
 
@@ -30,35 +32,14 @@ TOL = tolerances(torch.float32)
 # ---------------------------------------------------------------------------------------------
 
 
-class BasicBlock(nn.Module):
-    """torchvision's BasicBlock: conv-bn-relu-conv-bn, plus the (downsampled) input, relu."""
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
-
-
 class SmallResNet(nn.Module):
     def __init__(self, num_classes: int = 5) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(8)
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = BasicBlock(8, 8)
-        self.layer2 = BasicBlock(8, 16, stride=2)
+        self.layer1 = BasicBlock(8, 8, norm=nn.BatchNorm2d)
+        self.layer2 = BasicBlock(8, 16, stride=2, norm=nn.BatchNorm2d)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Sequential(nn.Linear(16, 12), nn.BatchNorm1d(12), nn.ReLU())
         self.fc = nn.Linear(12, num_classes)

@@ -60,7 +60,10 @@ def batch_norm_forward(
 def needs_autograd_function(*tensors: Tensor | None) -> bool:
     """Whether a call must go through an autograd.Function: a gradient can be asked for (reverse
     mode), a forward-mode level is open (a tangent may be attached), a torch.func transform is
-    active, or torch.jit.trace is recording. Otherwise inference pays for no autograd node."""
+    active, or torch.jit.trace is recording. Otherwise inference pays for no autograd node.
+    Never under ONNX export, which records the forward alone (and mangles a Function's node)."""
+    if backends.onnx_exporting():
+        return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return True
     if torch.compiler.is_compiling():

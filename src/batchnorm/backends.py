@@ -530,6 +530,19 @@ def _native_backward_eval(
     return kernel(dy, x, weight, mean, invstd, need_input_grad, need_param_grads)
 
 
+def _aten_forward_eval(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Inference forward as torch's ``batch_norm`` (for exporters, which know that op): (y, r)."""
+    y = torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+    return y, torch.rsqrt(var + eps)
+
+
+ONNX_EXPORT = Kernels(EAGER.forward_train, _aten_forward_eval, EAGER.backward_train, EAGER.backward_eval)
+"""Under ONNX export: the eval forward as torch's batch norm, which the exporter emits as one
+``BatchNormalization`` (that runtimes fold into the preceding convolution); the eager kernels
+for the rest."""
+
 NATIVE = Kernels(_native_forward_train, _native_forward_eval, _native_backward_train, _native_backward_eval)
 """The native kernels, for the inputs they take; the eager kernels for the rest."""
 
@@ -645,16 +658,39 @@ def using_backend(name: str) -> Iterator[None]:
         _selected = saved
 
 
+def onnx_exporting() -> bool:
+    """Inside ``torch.onnx.export``. Both exporters trace, with torch.export or with torch.jit's
+    tracer, so those cheap checks go first: torch.onnx's own query costs about 10 us a call."""
+    if torch.compiler.is_exporting():
+        return torch.onnx.is_in_onnx_export()
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._get_tracing_state() is not None and torch.onnx.is_in_onnx_export()
+
+
 def kernels_for(x: Tensor, *, create_graph: bool = False) -> Kernels:
     """The kernels that run batch norm on ``x`` under the active backend.
 
     Inside a ``torch.compile`` region, under torch.func transforms and for double backward the
     eager kernels run: the outer compiler fuses them itself, the native ops have no batching
     rule, and neither a compiled nor a native kernel can be differentiated twice. ``"auto"``
-    takes the native kernels for CPU input where they are built.
+    takes the native kernels for CPU input where they are built. Under ``torch.export`` the
+    native kernels run where they take the input (one graph node per call), and under ONNX
+    export, whatever the backend, :data:`ONNX_EXPORT`.
     """
+    if create_graph:
+        return EAGER
+    if onnx_exporting():
+        # ONNX has a batch-norm operator, and exporters emit it for torch's batch norm only.
+        return ONNX_EXPORT
     name = get_backend()
-    if create_graph or _transforms_active() or name == "eager":
+    if name == "eager":
+        return EAGER
+    if torch.compiler.is_exporting() and name != "compiled" and x.device.type == "cpu" and native_available():
+        # torch.export keeps each native call as one opaque node (its fake kernel gives the
+        # shapes), where the eager kernels would put a dozen tensor operations in the graph.
+        return NATIVE
+    if _transforms_active():
         return EAGER
     if name == "compiled":
         return COMPILED

@@ -120,12 +120,21 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 
 def add_bench(subparsers: argparse._SubParsersAction[_Parser]) -> None:
+    from .bench import NOISY_SPREAD
+
     parser = subparsers.add_parser(
         "bench",
         help="time our batch norm against torch's",
-        description="Ours against torch.nn.functional.batch_norm, interleaved in one process, medians.",
+        description=(
+            "Ours against torch.nn.functional.batch_norm, interleaved in one process: per shape, then end to "
+            "end (a training step and an eval pass of a ResNet-18, a MobileNetV2 and LeNet-BN with either "
+            "side's batch norms, same weights), then the ResNet-18's first training step in fresh processes. "
+            "Each time is the median of the timed runs, shown as median [fastest-slowest] ms. A ratio is "
+            "marked noisy, with a warning line, when either side's (slowest - fastest) / median exceeds "
+            f"{NOISY_SPREAD:.0%}: the machine was too busy to trust it. Progress goes to stderr."
+        ),
     )
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions (under 3 minutes on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, smaller networks (about a minute)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     parser.add_argument("--backend", choices=backends.BACKENDS, default="auto", help="default: auto")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
@@ -157,17 +166,19 @@ def run_bench_command(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.memory:
         return run_memory_bench(args)
-    rows, end_to_end = bench.run(
-        backend=args.backend,
-        device=args.device,
-        dtype=getattr(torch, args.dtype),
-        quick=args.quick,
-        shapes=args.shapes,
-        json_path=args.json,
-    )
-    print(bench.format_table(rows))
-    print()
-    print(end_to_end.format())
+    try:
+        results = bench.run(
+            backend=args.backend,
+            device=args.device,
+            dtype=getattr(torch, args.dtype),
+            quick=args.quick,
+            shapes=args.shapes,
+            json_path=args.json,
+        )
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; no results written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(results.format())
     return 0
 
 

@@ -65,8 +65,9 @@ def fx_leaf_call(module: nn.Module, input: object, **keywords: Any) -> Any:
 
 def batch_statistics_observable() -> bool:
     """Whether batch statistics may be kept on the module: not inside a torch.func transform,
-    whose wrapped tensors must not escape it."""
-    return not backends.functorch_active()
+    whose wrapped tensors must not escape it, nor under torch.export, which refuses tensor
+    attributes assigned during a trace (they would not be part of the exported program)."""
+    return not backends.functorch_active() and not torch.compiler.is_exporting()
 
 
 def extends_constructor(

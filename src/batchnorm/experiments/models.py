@@ -8,6 +8,8 @@
   after the first two dense layers (or any other norm: the variants, torch's). Xavier-uniform
   weights. The one LeNet of the package: the report, ``examples/ddp_train.py`` and
   ``batchnorm bench`` all build it here.
+- :func:`resnet18` and :func:`mobilenet_v2`: torchvision's ResNet-18 and MobileNetV2 with the
+  batch norm as a parameter: the networks of ``batchnorm bench``'s end-to-end figures.
 
 Needs only torch: ``batchnorm.bench`` imports this module without the experiments extra.
 """
@@ -16,11 +18,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..modules import BatchNorm1d, BatchNorm2d
 
-__all__ = ["PAPER_INIT_STD", "Norm", "lenet", "paper_mlp"]
+__all__ = [
+    "PAPER_INIT_STD",
+    "BasicBlock",
+    "InvertedResidual",
+    "Norm",
+    "lenet",
+    "mobilenet_v2",
+    "paper_mlp",
+    "resnet18",
+]
 
 # Builds a normalization layer for a number of channels (a class such as BatchNorm2d, or a lambda).
 Norm = Callable[[int], nn.Module]
@@ -124,3 +135,115 @@ def lenet(*, bn: bool = True, norm2d: Norm = BatchNorm2d, norm1d: Norm = BatchNo
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark's end-to-end networks: torchvision's ResNet-18 and MobileNetV2, written out here
+# (torchvision is not a dependency) with the batch norm as a parameter, so that one definition
+# builds both the torch-BN and the our-BN network.
+# ---------------------------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock: conv-bn-relu-conv-bn, plus the (downsampled) input, relu."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, norm: Norm = BatchNorm2d) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = norm(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = norm(planes)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), norm(planes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        result: Tensor = self.relu(out + identity)
+        return result
+
+
+def resnet18(*, num_classes: int = 10, width: int = 64, norm: Norm = BatchNorm2d) -> nn.Sequential:
+    """torchvision's ResNet-18: a 7x7 stride-2 stem and max pool, four stages of two
+    :class:`BasicBlock` (widths ``width`` x 1, 2, 4, 8; stride 2 from the second stage), global
+    average pool, one linear layer. 20 batch norms. Input (N, 3, H, W), output (N, num_classes).
+    """
+    widths = [width * 2**stage for stage in range(4)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, width, 7, 2, 3, bias=False),
+        norm(width),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),
+    ]
+    inplanes = width
+    for stage, planes in enumerate(widths):
+        stride = 1 if stage == 0 else 2
+        layers += [BasicBlock(inplanes, planes, stride, norm), BasicBlock(planes, planes, 1, norm)]
+        inplanes = planes
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(inplanes, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def _divisible(channels: float, divisor: int = 8) -> int:
+    """torchvision's ``_make_divisible``: round to a multiple of 8, never down by more than 10%."""
+    rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * channels else rounded
+
+
+def _conv_bn_relu6(cin: int, cout: int, kernel: int, stride: int, groups: int, norm: Norm) -> list[nn.Module]:
+    return [
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+        norm(cout),
+        nn.ReLU6(inplace=True),
+    ]
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: expand (1x1, ReLU6), depthwise (3x3, ReLU6), project (1x1, linear);
+    the input added back where the shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int, norm: Norm = BatchNorm2d) -> None:
+        super().__init__()
+        hidden = cin * expand
+        layers = _conv_bn_relu6(cin, hidden, 1, 1, 1, norm) if expand != 1 else []
+        layers += _conv_bn_relu6(hidden, hidden, 3, stride, hidden, norm)
+        layers += [nn.Conv2d(hidden, cout, 1, bias=False), norm(cout)]
+        self.block = nn.Sequential(*layers)
+        self.has_skip = stride == 1 and cin == cout
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.block(x)
+        return out + x if self.has_skip else out
+
+
+# torchvision's MobileNetV2 table: expansion t, output channels c, repeats n, first stride s.
+_MOBILENET_V2 = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+
+
+def mobilenet_v2(*, num_classes: int = 10, width_mult: float = 1.0, norm: Norm = BatchNorm2d) -> nn.Sequential:
+    """torchvision's MobileNetV2: a 3x3 stride-2 stem, 17 :class:`InvertedResidual` blocks with
+    ReLU6, a 1x1 convolution to 1280 channels (more when ``width_mult`` > 1), global average pool,
+    one linear layer. 52 batch norms. Input (N, 3, H, W), output (N, num_classes).
+    """
+    cin = _divisible(32 * width_mult)
+    last = _divisible(1280 * max(1.0, width_mult))
+    layers: list[nn.Module] = _conv_bn_relu6(3, cin, 3, 2, 1, norm)
+    for expand, channels, repeats, stride in _MOBILENET_V2:
+        cout = _divisible(channels * width_mult)
+        for index in range(repeats):
+            layers.append(InvertedResidual(cin, cout, stride if index == 0 else 1, expand, norm))
+            cin = cout
+    layers += _conv_bn_relu6(cin, last, 1, 1, 1, norm)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(last, num_classes)]
+    return nn.Sequential(*layers)
