@@ -288,7 +288,7 @@ void group_moments(const MaskPlan<T>& plan, const T* xc, int64_t stride, int64_t
     });
   }
   // mean_b = m_b + sum(c) / n_b,  M2_b = sum(c^2) - sum(c)^2 / n_b
-  moments.merge(n_b, static_cast<double>(m) + sum_c / n_b, std::max(0.0, sum_cc - sum_c * sum_c / n_b));
+  moments.merge(n_b, static_cast<double>(m) + sum_c / n_b, std::max(sum_cc - sum_c * sum_c / n_b, 0.0));
 }
 
 // s1 += sum_V dy, s2 += sum_V dy * (x - mu) over group g.
@@ -325,7 +325,7 @@ void forward_train_kernel(const MaskPlan<T>& plan, int64_t C, const T* x, const 
       return;
     }
     mean[c] = static_cast<T>(total.mean);
-    var[c] = static_cast<T>(std::max(0.0, total.m2 / total.n));
+    var[c] = static_cast<T>(std::max(total.m2 / total.n, 0.0));
     invstd[c] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(var[c]) + eps));
   };
   if (by_channel(C)) {
