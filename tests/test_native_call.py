@@ -58,8 +58,13 @@ CASES: list[tuple[str, Callable[[], torch.nn.Module], tuple[int, ...], Callable[
     ("momentum_none", lambda: batchnorm.BatchNorm1d(5, momentum=None), (4, 5, 6), lambda x: x, torch.float32),
     ("not_affine", lambda: batchnorm.BatchNorm1d(5, affine=False), (4, 5, 6), lambda x: x, torch.float32),
     ("no_bias", lambda: batchnorm.BatchNorm1d(5, bias=False), (4, 5, 6), lambda x: x, torch.float32),
-    ("not_tracking", lambda: batchnorm.BatchNorm2d(6, track_running_stats=False), (3, 6, 5, 4), lambda x: x,
-     torch.float32),
+    (
+        "not_tracking",
+        lambda: batchnorm.BatchNorm2d(6, track_running_stats=False),
+        (3, 6, 5, 4),
+        lambda x: x,
+        torch.float32,
+    ),
 ]
 
 

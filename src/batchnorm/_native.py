@@ -131,7 +131,6 @@ if AVAILABLE:
         grads = x.new_empty((x.shape[1] if need_param_grads else 0,), dtype=_compute_dtype(x))
         return dx, grads, torch.empty_like(grads)
 
-
     @torch.library.register_fake("batchnorm::update_running_stats_")  # type: ignore[untyped-decorator]
     def _update_running_stats_fake(
         running_mean: Tensor,

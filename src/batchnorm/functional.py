@@ -249,7 +249,10 @@ def update_running_stats(
             batch_var = torch.where(finite, batch_var, running_var)
         if momentum is None:
             if num_batches_tracked is None:
-                raise TypeError("update_running_stats: the cumulative average (momentum None) needs num_batches_tracked")
+                raise TypeError(
+                    "update_running_stats: expected num_batches_tracked for the cumulative average (momentum None), "
+                    "got None"
+                )
             factor = 1.0 / float(num_batches_tracked + 1)
         else:
             factor = float(momentum)

@@ -235,11 +235,14 @@ class _BatchNormBase(BatchNormProtocol, _BatchNorm):
         which validates it and names the problem.
         """
         weight, bias, running_mean, running_var = self.weight, self.bias, self.running_mean, self.running_var
-        if not (type(input) is Tensor and input.is_cpu and backends.native_call_allowed(input, weight, bias, running_mean, running_var)):
+        if not (type(input) is Tensor and input.is_cpu):
+            return None
+        if not backends.native_call_allowed(input, weight, bias, running_mean, running_var):
             return None
         shape = input.shape
         dims = len(shape)
-        if (dims < 2 or (self._input_dims is not None and dims not in self._input_dims)) or shape[1] != self.num_features:
+        expected_rank = dims >= 2 and (self._input_dims is None or dims in self._input_dims)
+        if not expected_rank or shape[1] != self.num_features:
             return None
         compute = backends.NATIVE_COMPUTE_DTYPES.get(input.dtype)
         if compute is None or not backends.dense_layout(input, dims):
