@@ -165,8 +165,19 @@ struct BatchNormEvalFunction : public torch::autograd::Function<BatchNormEvalFun
 
 namespace {
 
+// Whether a call must record a graph node: grad mode on and an input that requires grad.
+bool records(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias) {
+  auto needs_grad = [](const std::optional<Tensor>& t) { return t.has_value() && t->defined() && t->requires_grad(); };
+  return at::GradMode::is_enabled() && (x.requires_grad() || needs_grad(weight) || needs_grad(bias));
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_train_autograd(const Tensor& x, const std::optional<Tensor>& weight,
                                                                    const std::optional<Tensor>& bias, double eps) {
+  if (!records(x, weight, bias)) {  // inference: the kernel alone, no node
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto forward_train = op<ForwardTrain>("batchnorm::forward_train");
+    return forward_train.call(x, weight, bias, eps);
+  }
   auto out = batchnorm::BatchNormTrainFunction::apply(x, weight, bias, eps);
   return {out[0], out[1], out[2], out[3]};
 }
@@ -174,6 +185,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_train_autograd(const Tensor& 
 std::tuple<Tensor, Tensor> forward_eval_autograd(const Tensor& x, const Tensor& mean, const Tensor& var,
                                                  const std::optional<Tensor>& weight,
                                                  const std::optional<Tensor>& bias, double eps) {
+  if (!records(x, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto forward_eval = op<ForwardEval>("batchnorm::forward_eval");
+    return forward_eval.call(x, mean, var, weight, bias, eps);
+  }
   auto out = batchnorm::BatchNormEvalFunction::apply(x, mean, var, weight, bias, eps);
   return {out[0], out[1]};
 }
@@ -211,6 +227,10 @@ void update_running_stats(Tensor& running_mean, Tensor& running_var, const std::
                   running_mean.scalar_type() == mean.scalar_type() &&
                   running_var.scalar_type() == var.scalar_type() && mean.scalar_type() == var.scalar_type(),
               "batchnorm::update_running_stats_: expected contiguous running statistics of the statistics' dtype");
+  TORCH_CHECK(!num_batches_tracked.has_value() ||
+                  (num_batches_tracked->scalar_type() == at::kLong && num_batches_tracked->numel() == 1 &&
+                   num_batches_tracked->is_cpu()),
+              "batchnorm::update_running_stats_: expected num_batches_tracked to be a CPU int64 scalar");
   TORCH_CHECK(momentum.has_value() || num_batches_tracked.has_value(),
               "batchnorm::update_running_stats_: the cumulative average (momentum None) needs num_batches_tracked");
   const Tensor mu = mean.contiguous(), v = var.contiguous();
@@ -231,7 +251,8 @@ void update_running_stats(Tensor& running_mean, Tensor& running_var, const std::
     }
     update_kernel<scalar_t>(running_mean.mutable_data_ptr<scalar_t>(), running_var.mutable_data_ptr<scalar_t>(), mp,
                             vp, C, unbias, static_cast<scalar_t>(factor), skip_nonfinite);
-    if (num_batches_tracked.has_value()) num_batches_tracked->add_(1);
+    // The counter in place, without a dispatched add_ (a CPU int64 scalar, checked above).
+    if (num_batches_tracked.has_value()) ++*num_batches_tracked->mutable_data_ptr<int64_t>();
   });
 }
 

@@ -543,14 +543,22 @@ std::tuple<Tensor, Tensor> forward_eval(const Tensor& input, const Tensor& mean,
   const Tensor xw = widen(input);
   const View v = view_of(xw);
   const auto cdt = compute_type(input);
-  const Tensor mu = mean.to(cdt).contiguous();
-  const Tensor invstd = at::rsqrt(var.to(cdt) + eps).contiguous();  // r = 1/sqrt(var + eps)
-  const Tensor a = (param_or(weight, v.C, cdt, 1.0) * invstd).contiguous();  // a = gamma * r
-  const Tensor b = (param_or(bias, v.C, cdt, 0.0) - mu * a).contiguous();    // b = beta - mu * a
+  const Tensor mu = mean.to(cdt).contiguous(), sigma2 = var.to(cdt).contiguous();
+  const Tensor gamma = param_or(weight, v.C, cdt, 1.0), beta = param_or(bias, v.C, cdt, 0.0);
+  Tensor invstd = at::empty({v.C}, at::TensorOptions().dtype(cdt));
   Tensor y = at::empty_like(v.data);
   AT_DISPATCH_FLOATING_TYPES(cdt, "batchnorm_forward_eval", [&] {
-    affine_kernel<scalar_t>(v, a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
-                            v.data.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>());
+    // Per channel, in a plain loop (C values: a tensor op per step would cost more than the loop).
+    const scalar_t *m = mu.const_data_ptr<scalar_t>(), *s2 = sigma2.const_data_ptr<scalar_t>();
+    const scalar_t *g = gamma.const_data_ptr<scalar_t>(), *be = beta.const_data_ptr<scalar_t>();
+    scalar_t* r = invstd.mutable_data_ptr<scalar_t>();
+    std::vector<scalar_t> a(v.C), b(v.C);
+    for (int64_t c = 0; c < v.C; ++c) {
+      r[c] = scalar_t(1) / std::sqrt(s2[c] + static_cast<scalar_t>(eps));  // r = 1/sqrt(var + eps)
+      a[c] = g[c] * r[c];                                                    // a = gamma * r
+      b[c] = be[c] - m[c] * a[c];                                            // b = beta - mu * a
+    }
+    affine_kernel<scalar_t>(v, a.data(), b.data(), v.data.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>());
   });
   return {y.to(input.scalar_type()), invstd};
 }

@@ -157,6 +157,13 @@ def _dense(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
+if AVAILABLE:
+    # The overloads themselves, for the module's native call (one lookup saved per call).
+    forward_train_op = torch.ops.batchnorm.forward_train.default
+    forward_eval_op = torch.ops.batchnorm.forward_eval.default
+    update_running_stats_op = torch.ops.batchnorm.update_running_stats_.default
+
+
 # The Kernels signatures (batchnorm.backends), one native call each.
 
 

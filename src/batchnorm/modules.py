@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from . import backends
+from . import _native, backends
 from . import functional as BF
 from ._autograd import apply_batch_norm
 from ._protocol import BatchNormProtocol, Equivalent, Kept
@@ -265,21 +265,23 @@ class _BatchNormBase(BatchNormProtocol, _BatchNorm):
                     or running_var.requires_grad  # type: ignore[union-attr]
                     or not (momentum is None or (type(momentum) is float and -math.inf < momentum < math.inf))
                     or (momentum is None and counter is None)
+                    or (counter is not None and counter.dtype != torch.int64)  # e.g. converted by hand
                 )
             ):
                 return None
-            output, mean, var, _ = torch.ops.batchnorm.forward_train(input, weight, bias, eps)
+            output, mean, var, _ = _native.forward_train_op(input, weight, bias, eps)
             if update:
-                torch.ops.batchnorm.update_running_stats_(
+                _native.update_running_stats_op(
                     running_mean, running_var, counter, mean, var, values_per_channel, momentum, self.skip_nonfinite
                 )
-            self.batch_mean, self.batch_var = mean, var
+            # Plain attributes (not parameters or buffers): set without nn.Module's bookkeeping.
+            self.__dict__["batch_mean"], self.__dict__["batch_var"] = mean, var
             return output  # type: ignore[no-any-return]
         if running_mean is None or running_var is None or running_mean.requires_grad or running_var.requires_grad:
             return None
         if values_per_channel == 0:
             return None
-        output, _ = torch.ops.batchnorm.forward_eval(input, running_mean, running_var, weight, bias, eps)
+        output, _ = _native.forward_eval_op(input, running_mean, running_var, weight, bias, eps)
         return output  # type: ignore[no-any-return]
 
     def _batch_norm(
