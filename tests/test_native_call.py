@@ -221,3 +221,42 @@ def test_general_path_for_inputs_it_must_check() -> None:
     assert not _native_node(bn(strided))
     under_vmap = torch.func.vmap(batchnorm.BatchNorm1d(3, track_running_stats=False))(torch.randn(2, 4, 3))
     assert under_vmap.shape == (2, 4, 3)
+
+
+@pytest.mark.parametrize(
+    ("training", "momentum", "tracked"),
+    [(True, 0.1, True), (True, None, True), (True, 0.1, False), (False, 0.1, True)],
+    ids=["training", "momentum_none", "not_tracking", "eval"],
+)
+def test_functional_native_call_equals_the_general_path(
+    general_path: Callable[[], Any], training: bool, momentum: float | None, tracked: bool
+) -> None:
+    """batchnorm.functional.batch_norm takes the same native call; with its counter it does what
+    the module does."""
+    x = torch.randn(5, 4, 3, generator=torch.Generator().manual_seed(2))
+    weight, bias = torch.rand(4).requires_grad_(), torch.randn(4).requires_grad_()
+    results = []
+    for use_general in (False, True):
+        generator = torch.Generator().manual_seed(3)
+        statistics = [torch.rand(4, generator=generator), torch.rand(4, generator=generator) + 0.5, torch.tensor(3)]
+        state = statistics if tracked else [None, None, None]
+        xi = x.clone().requires_grad_()
+        with general_path() if use_general else contextlib.nullcontext():
+            y = batchnorm.functional.batch_norm(
+                xi, state[0], state[1], weight, bias, training, momentum, 1e-5, num_batches_tracked=state[2]
+            )
+            assert _native_node(y) != use_general
+            (gx, gw, gb) = torch.autograd.grad(y, (xi, weight, bias), torch.cos(y))
+        results.append([y, gx, gw, gb, *(t for t in state if t is not None)])
+    for ours, reference in zip(*results, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_functional_with_mask_never_takes_the_unmasked_call() -> None:
+    x = torch.randn(4, 3, 5)
+    lengths = torch.tensor([5, 2, 3, 4])
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    y = batchnorm.functional.batch_norm(x, running_mean, running_var, training=True, lengths=lengths)
+    assert (y[1, :, 2:] == 0).all()  # padded positions: 0, as only the masked path gives
+    valid = torch.cat([x[n, :, : int(length)] for n, length in enumerate(lengths)], dim=1)  # (C, M)
+    torch.testing.assert_close(running_mean, 0.1 * valid.mean(1))

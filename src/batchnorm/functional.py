@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import backends
+from . import _native, backends
 from ._autograd import apply_batch_norm
 from ._masked import apply_masked_batch_norm, check_valid_count, resolve_mask, valid_count
 
@@ -122,6 +122,12 @@ def batch_norm(
             mask=mask,
             lengths=lengths,
         )
+    if mask is None and lengths is None:
+        native = native_call(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, skip_nonfinite, num_batches_tracked
+        )
+        if native is not None:
+            return native[0]
     if isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0:
         # torch returns an empty output for an empty 1-D input: there is no channel to normalize.
         check_input(input, "batch_norm", min_dim=1)
@@ -142,6 +148,82 @@ def batch_norm(
         lengths=lengths,
     )
     return output
+
+
+def native_call(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    skip_nonfinite: bool,
+    num_batches_tracked: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """:func:`batch_norm_with_stats` as one native op per direction, after O(1) checks: (output,
+    mu, var), or None where the general path must run.
+
+    Plain CPU tensors of the native dtypes, the input in a layout the kernels walk, outside every
+    transform and tracer (:func:`batchnorm.backends.native_call_allowed`), with arguments the
+    general path would accept. Then the forward is ``batchnorm::forward_train`` (or
+    ``forward_eval``), whose autograd and backward are native too (``csrc/autograd.cpp``), and
+    the running statistics and counter are updated by ``batchnorm::update_running_stats_`` with
+    :func:`update_running_stats`'s semantics. Anything else (a wrong shape, eps or dtype
+    included) takes the general path, which validates it and names the problem.
+    """
+    if not (type(input) is Tensor and input.is_cpu):
+        return None
+    if not backends.native_call_allowed(input, weight, bias, running_mean, running_var):
+        return None
+    shape = input.shape
+    dims = len(shape)
+    compute = backends.NATIVE_COMPUTE_DTYPES.get(input.dtype)
+    if dims < 2 or compute is None or not backends.dense_layout(input, dims):
+        return None
+    channels = (shape[1],)
+    for tensor in (weight, bias, running_mean, running_var):
+        if tensor is not None and (tensor.dtype != compute or not tensor.is_cpu or tensor.shape != channels):
+            return None
+    if (
+        type(training) is not bool
+        or type(eps) is not float
+        or not (0.0 < eps < math.inf if training else 0.0 <= eps < math.inf)
+    ):
+        return None
+    values_per_channel = input.numel() // shape[1]
+    if values_per_channel < 2:
+        return None
+    if not training:
+        if (
+            running_mean is None
+            or running_var is None
+            or eps < 0
+            or running_mean.requires_grad
+            or running_var.requires_grad
+        ):
+            return None
+        output, _ = _native.forward_eval_op(input, running_mean, running_var, weight, bias, eps)
+        return output, running_mean, running_var
+    update = running_mean is not None and running_var is not None
+    if running_mean is None or running_var is None:
+        if not (running_mean is None and running_var is None):
+            return None
+    elif (
+        running_mean.requires_grad
+        or running_var.requires_grad
+        or not (momentum is None or (type(momentum) is float and -math.inf < momentum < math.inf))
+        or (momentum is None and num_batches_tracked is None)
+        or (num_batches_tracked is not None and num_batches_tracked.dtype != torch.int64)  # converted by hand
+    ):
+        return None
+    output, mean, var, _ = _native.forward_train_op(input, weight, bias, eps)
+    if update:
+        _native.update_running_stats_op(
+            running_mean, running_var, num_batches_tracked, mean, var, values_per_channel, momentum, skip_nonfinite
+        )
+    return output, mean, var
 
 
 def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor]:

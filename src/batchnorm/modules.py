@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from . import _native, backends
+from . import backends
 from . import functional as BF
 from ._autograd import apply_batch_norm
 from ._protocol import BatchNormProtocol, Equivalent, Kept
@@ -223,66 +222,39 @@ class _BatchNormBase(BatchNormProtocol, _BatchNorm):
         return output
 
     def _native_call(self, input: Tensor) -> Tensor | None:
-        """The common call as one native op per direction, after O(1) checks; None where
-        :meth:`_batch_norm` must run instead.
-
-        Plain CPU tensors of the native dtypes in a layout the kernels walk, outside every
-        transform and tracer, with arguments the general path would accept: then the forward is
-        ``batchnorm::forward_train`` (or ``forward_eval``), whose autograd and backward are native
-        too (``csrc/autograd.cpp``), and the running statistics and counter are updated by
-        ``batchnorm::update_running_stats_``, with :func:`batchnorm.functional.update_running_stats`'s
-        semantics. Anything else (a wrong shape, eps or dtype included) takes the general path,
-        which validates it and names the problem.
-        """
-        weight, bias, running_mean, running_var = self.weight, self.bias, self.running_mean, self.running_var
-        if not (type(input) is Tensor and input.is_cpu):
-            return None
-        if not backends.native_call_allowed(input, weight, bias, running_mean, running_var):
+        """The common call as one native op per direction (:func:`batchnorm.functional.native_call`)
+        after this module's own O(1) checks (rank, channels); None where :meth:`_batch_norm` must
+        run instead, which validates the input and names any problem."""
+        if type(input) is not Tensor:
             return None
         shape = input.shape
         dims = len(shape)
-        expected_rank = dims >= 2 and (self._input_dims is None or dims in self._input_dims)
-        if not expected_rank or shape[1] != self.num_features:
+        if not (dims >= 2 and (self._input_dims is None or dims in self._input_dims)) or shape[1] != self.num_features:
             return None
-        compute = backends.NATIVE_COMPUTE_DTYPES.get(input.dtype)
-        if compute is None or not backends.dense_layout(input, dims):
-            return None
-        for tensor in (weight, bias, running_mean, running_var):
-            if tensor is not None and (tensor.dtype != compute or not tensor.is_cpu):
-                return None
-        values_per_channel = input.numel() // shape[1]
+        # The arguments _batch_norm passes: running statistics when used or updated, the counter
+        # when updated; batch statistics in training and in eval without running statistics.
+        running_mean, running_var = self.running_mean, self.running_var
         use_batch_stats = self.training or (running_mean is None and running_var is None)
-        eps, momentum = self.eps, self.momentum
-        if type(eps) is not float or not (0.0 < eps < math.inf if use_batch_stats else 0.0 <= eps < math.inf):
+        tracked = not self.training or self.track_running_stats
+        result = BF.native_call(
+            input,
+            running_mean if tracked else None,
+            running_var if tracked else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            self.momentum,
+            self.eps,
+            self.skip_nonfinite,
+            self.num_batches_tracked if self.training and self.track_running_stats else None,
+        )
+        if result is None:
             return None
+        output, mean, var = result
         if use_batch_stats:
-            update = self.training and self.track_running_stats and running_mean is not None and running_var is not None
-            counter = self.num_batches_tracked
-            if values_per_channel < 2 or (
-                update
-                and (
-                    running_mean.requires_grad  # type: ignore[union-attr]
-                    or running_var.requires_grad  # type: ignore[union-attr]
-                    or not (momentum is None or (type(momentum) is float and -math.inf < momentum < math.inf))
-                    or (momentum is None and counter is None)
-                    or (counter is not None and counter.dtype != torch.int64)  # e.g. converted by hand
-                )
-            ):
-                return None
-            output, mean, var, _ = _native.forward_train_op(input, weight, bias, eps)
-            if update:
-                _native.update_running_stats_op(
-                    running_mean, running_var, counter, mean, var, values_per_channel, momentum, self.skip_nonfinite
-                )
             # Plain attributes (not parameters or buffers): set without nn.Module's bookkeeping.
             self.__dict__["batch_mean"], self.__dict__["batch_var"] = mean, var
-            return output  # type: ignore[no-any-return]
-        if running_mean is None or running_var is None or running_mean.requires_grad or running_var.requires_grad:
-            return None
-        if values_per_channel == 0:
-            return None
-        output, _ = _native.forward_eval_op(input, running_mean, running_var, weight, bias, eps)
-        return output  # type: ignore[no-any-return]
+        return output
 
     def _batch_norm(
         self,
