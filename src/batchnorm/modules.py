@@ -380,7 +380,9 @@ class BatchNorm(_BatchNormBase):
         track_running_stats: keep ``running_mean``, ``running_var`` and
             ``num_batches_tracked`` buffers. Default: True.
         skip_nonfinite: a channel whose batch statistics are NaN or Inf keeps its running
-            statistics for that step (keyword-only). Default: True; False is torch's behaviour.
+            statistics for that step; with ``momentum=None`` such a batch is left out of the
+            cumulative average whole, uncounted (keyword-only). Default: True; False is torch's
+            behaviour.
 
     Forward (keyword-only, for padded variable-length batches):
         mask: a boolean tensor of the input's shape without dimension 1 ((N, L) for (N, C, L),
