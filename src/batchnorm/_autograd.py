@@ -46,7 +46,10 @@ def batch_norm_forward(
     cdt = backends.compute_dtype(x)
     if eval_mean is not None and eval_var is not None:
         # Views, not the running statistics themselves: a Function may not return an input as-is.
-        mean, var = eval_mean.to(cdt).view_as(eval_mean), eval_var.to(cdt).view_as(eval_var)
+        # (Converted only when needed: an exported graph keeps every conversion as nodes.)
+        mean = eval_mean if eval_mean.dtype == cdt else eval_mean.to(cdt)
+        var = eval_var if eval_var.dtype == cdt else eval_var.to(cdt)
+        mean, var = mean.view_as(eval_mean), var.view_as(eval_var)
         y, _ = kernels.forward_eval(x, mean, var, weight, bias, eps)
         return y, mean, var
     if x.numel() == 0:
