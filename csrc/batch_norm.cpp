@@ -253,7 +253,7 @@ void strided_runs_moments(const T* x, int64_t count, int64_t stride, int64_t L, 
 template <typename T>
 void columns_moments(const T* x, int64_t r0, int64_t r1, int64_t C, Moments* moments) {
   constexpr int64_t W = Vec<T>::size();
-  const int64_t block_rows = std::clamp<int64_t>(16384 / std::max<int64_t>(C, 1), 1, 512);
+  const int64_t block_rows = std::clamp<int64_t>(65536 / std::max<int64_t>(C, 1), 1, 512);
   std::vector<T> sum(C), m(C), sum_c(C), sum_cc(C);
   for (int64_t start = r0; start < r1; start += block_rows) {
     const int64_t end = std::min(r1, start + block_rows);
