@@ -260,3 +260,23 @@ def test_functional_with_mask_never_takes_the_unmasked_call() -> None:
     assert (y[1, :, 2:] == 0).all()  # padded positions: 0, as only the masked path gives
     valid = torch.cat([x[n, :, : int(length)] for n, length in enumerate(lengths)], dim=1)  # (C, M)
     torch.testing.assert_close(running_mean, 0.1 * valid.mean(1))
+
+
+def test_eval_of_a_single_sample_takes_the_native_call() -> None:
+    bn = _randomized(batchnorm.BatchNorm1d(5)).eval()
+    x = torch.randn(1, 5, requires_grad=True)
+    y = bn(x)
+    assert _native_node(y)
+    expected = torch.nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False)
+    torch.testing.assert_close(y, expected)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+def test_functional_refuses_a_nan_momentum_in_either_mode(training: bool) -> None:
+    """The native call leaves what the general path refuses to it, in eval too."""
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="finite momentum"):
+        batchnorm.functional.batch_norm(
+            torch.randn(4, 3), running_mean, running_var, training=training, momentum=math.nan
+        )
+    assert torch.equal(running_mean, torch.zeros(3)) and torch.equal(running_var, torch.ones(3))

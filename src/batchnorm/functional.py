@@ -190,19 +190,14 @@ def native_call(
         type(training) is not bool
         or type(eps) is not float
         or not (0.0 < eps < math.inf if training else 0.0 <= eps < math.inf)
+        or not (momentum is None or (type(momentum) in (float, int) and -math.inf < momentum < math.inf))
     ):
         return None
     values_per_channel = input.numel() // shape[1]
-    if values_per_channel < 2:
+    if values_per_channel < (2 if training else 1):  # training needs two values per channel
         return None
     if not training:
-        if (
-            running_mean is None
-            or running_var is None
-            or eps < 0
-            or running_mean.requires_grad
-            or running_var.requires_grad
-        ):
+        if running_mean is None or running_var is None or running_mean.requires_grad or running_var.requires_grad:
             return None
         output, _ = _native.forward_eval_op(input, running_mean, running_var, weight, bias, eps)
         return output, running_mean, running_var
@@ -213,7 +208,6 @@ def native_call(
     elif (
         running_mean.requires_grad
         or running_var.requires_grad
-        or not (momentum is None or (type(momentum) is float and -math.inf < momentum < math.inf))
         or (momentum is None and num_batches_tracked is None)
         or (num_batches_tracked is not None and num_batches_tracked.dtype != torch.int64)  # converted by hand
     ):
