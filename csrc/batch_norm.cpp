@@ -49,6 +49,8 @@ using batchnorm_native::param_or;
 using batchnorm_native::Vec;
 using batchnorm_native::widen;
 
+// Vectors of columns whose sums a column reduction keeps in registers while it walks down the rows.
+constexpr int64_t kTile = 4;
 // Rows of an (R, C) matrix that one chunk of the column reductions covers, at least.
 constexpr int64_t kMinRowsPerChunk = 16;
 
@@ -258,30 +260,53 @@ void columns_moments(const T* x, int64_t r0, int64_t r1, int64_t C, Moments* mom
   for (int64_t start = r0; start < r1; start += block_rows) {
     const int64_t end = std::min(r1, start + block_rows);
     const double n_b = static_cast<double>(end - start);
-    std::fill(sum.begin(), sum.end(), T(0));
-    for (int64_t r = start; r < end; ++r) {  // sum(x): (n_b, C) -> (C,)
-      const T* row = x + r * C;
-      int64_t c = 0;
-      for (; c + W <= C; c += W) (Vec<T>::loadu(sum.data() + c) + Vec<T>::loadu(row + c)).store(sum.data() + c);
-      for (; c < C; ++c) sum[c] += row[c];
+    // sum(x): (n_b, C) -> (C,), a tile of columns at a time down the rows (sums in registers).
+    int64_t c = 0;
+    for (; c + kTile * W <= C; c += kTile * W) {
+      Vec<T> acc[kTile];
+      for (int64_t k = 0; k < kTile; ++k) acc[k] = Vec<T>(T(0));
+      for (int64_t r = start; r < end; ++r) {
+        const T* row = x + r * C + c;
+        for (int64_t k = 0; k < kTile; ++k) acc[k] = acc[k] + Vec<T>::loadu(row + k * W);
+      }
+      for (int64_t k = 0; k < kTile; ++k) acc[k].store(sum.data() + c + k * W);
+    }
+    for (; c < C; ++c) {
+      T acc = T(0);
+      for (int64_t r = start; r < end; ++r) acc += x[r * C + c];
+      sum[c] = acc;
     }
     const double inv_nb = 1.0 / n_b;
     for (int64_t c = 0; c < C; ++c) m[c] = static_cast<T>(sum[c] * inv_nb);  // m_b = sum(x) / n_b
-    std::fill(sum_c.begin(), sum_c.end(), T(0));
-    std::fill(sum_cc.begin(), sum_cc.end(), T(0));
-    for (int64_t r = start; r < end; ++r) {  // sum(c), sum(c^2), c = x - m_b, from cache
-      const T* row = x + r * C;
-      int64_t c = 0;
-      for (; c + W <= C; c += W) {
-        const Vec<T> v = Vec<T>::loadu(row + c) - Vec<T>::loadu(m.data() + c);
-        (Vec<T>::loadu(sum_c.data() + c) + v).store(sum_c.data() + c);
-        at::vec::fmadd(v, v, Vec<T>::loadu(sum_cc.data() + c)).store(sum_cc.data() + c);
+    // sum(c), sum(c^2), c = x - m_b, from cache, by the same tiles.
+    for (c = 0; c + kTile * W <= C; c += kTile * W) {
+      Vec<T> mk[kTile], acc_c[kTile], acc_cc[kTile];
+      for (int64_t k = 0; k < kTile; ++k) {
+        mk[k] = Vec<T>::loadu(m.data() + c + k * W);
+        acc_c[k] = acc_cc[k] = Vec<T>(T(0));
       }
-      for (; c < C; ++c) {
-        const T v = row[c] - m[c];
-        sum_c[c] += v;
-        sum_cc[c] += v * v;
+      for (int64_t r = start; r < end; ++r) {
+        const T* row = x + r * C + c;
+        for (int64_t k = 0; k < kTile; ++k) {
+          const Vec<T> v = Vec<T>::loadu(row + k * W) - mk[k];
+          acc_c[k] = acc_c[k] + v;
+          acc_cc[k] = at::vec::fmadd(v, v, acc_cc[k]);
+        }
       }
+      for (int64_t k = 0; k < kTile; ++k) {
+        acc_c[k].store(sum_c.data() + c + k * W);
+        acc_cc[k].store(sum_cc.data() + c + k * W);
+      }
+    }
+    for (; c < C; ++c) {
+      T acc_c = T(0), acc_cc = T(0);
+      for (int64_t r = start; r < end; ++r) {
+        const T v = x[r * C + c] - m[c];
+        acc_c += v;
+        acc_cc += v * v;
+      }
+      sum_c[c] = acc_c;
+      sum_cc[c] = acc_cc;
     }
     // Moments::merge for every column at once: the counts, and so the weights, are shared.
     const double n_a = C > 0 ? moments[0].n : 0, total = n_a + n_b;
@@ -307,22 +332,34 @@ void columns_grad_sums(const T* dy, const T* x, int64_t r0, int64_t r1, int64_t 
   std::vector<T> l1(C), l2(C);
   for (int64_t start = r0; start < r1; start += block_rows) {
     const int64_t end = std::min(r1, start + block_rows);
-    std::fill(l1.begin(), l1.end(), T(0));
-    std::fill(l2.begin(), l2.end(), T(0));
-    for (int64_t r = start; r < end; ++r) {
-      const T* grow = dy + r * C;
-      const T* xrow = x + r * C;
-      int64_t c = 0;
-      for (; c + W <= C; c += W) {
-        const Vec<T> g = Vec<T>::loadu(grow + c);
-        (Vec<T>::loadu(l1.data() + c) + g).store(l1.data() + c);  // dy
-        at::vec::fmadd(g, Vec<T>::loadu(xrow + c) - Vec<T>::loadu(mu + c), Vec<T>::loadu(l2.data() + c))
-            .store(l2.data() + c);  // dy * (x - mu)
+    // A tile of columns at a time down the rows, the sums in registers.
+    int64_t c = 0;
+    for (; c + kTile * W <= C; c += kTile * W) {
+      Vec<T> muk[kTile], acc1[kTile], acc2[kTile];
+      for (int64_t k = 0; k < kTile; ++k) {
+        muk[k] = Vec<T>::loadu(mu + c + k * W);
+        acc1[k] = acc2[k] = Vec<T>(T(0));
       }
-      for (; c < C; ++c) {
-        l1[c] += grow[c];
-        l2[c] += grow[c] * (xrow[c] - mu[c]);
+      for (int64_t r = start; r < end; ++r) {
+        for (int64_t k = 0; k < kTile; ++k) {
+          const Vec<T> g = Vec<T>::loadu(dy + r * C + c + k * W);
+          acc1[k] = acc1[k] + g;                                                        // dy
+          acc2[k] = at::vec::fmadd(g, Vec<T>::loadu(x + r * C + c + k * W) - muk[k], acc2[k]);  // dy * (x - mu)
+        }
       }
+      for (int64_t k = 0; k < kTile; ++k) {
+        acc1[k].store(l1.data() + c + k * W);
+        acc2[k].store(l2.data() + c + k * W);
+      }
+    }
+    for (; c < C; ++c) {
+      T acc1 = T(0), acc2 = T(0);
+      for (int64_t r = start; r < end; ++r) {
+        acc1 += dy[r * C + c];
+        acc2 += dy[r * C + c] * (x[r * C + c] - mu[c]);
+      }
+      l1[c] = acc1;
+      l2[c] = acc2;
     }
     flush(l1, s1, C);
     flush(l2, s2, C);
