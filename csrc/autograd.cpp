@@ -18,6 +18,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -26,6 +28,7 @@
 namespace {
 
 using at::Tensor;
+using batchnorm_native::compute_type;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -51,11 +54,6 @@ bool is_batched(const Tensor& t) {
 }
 
 std::optional<Tensor> optional_of(const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; }
-
-at::ScalarType compute_type(const Tensor& x) {
-  const auto t = x.scalar_type();
-  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
-}
 
 // Every dimension but 1, and the shape (1, C, 1, ...) that broadcasts a (C,) vector against x.
 std::vector<int64_t> reduce_dims(const Tensor& x) {

@@ -1,4 +1,4 @@
-// Helpers shared by the native kernels (batch_norm.cpp, masked.cpp): the vector type, the block
+// Helpers shared by the native kernels (batch_norm.cpp, masked.cpp, autograd.cpp): the vector type, the block
 // size of float32 accumulation, the moments merge of the corrected two-pass algorithm
 // (docs/math.md), and the dtype handling.
 #pragma once

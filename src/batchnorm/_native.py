@@ -145,16 +145,20 @@ if AVAILABLE:
         return None
 
 
+def dense_layout(x: Tensor, dims: int) -> bool:
+    """``x`` (``dims`` dimensions) is in a layout the kernels walk directly: contiguous, or
+    channels_last for 4-D and 5-D input."""
+    return (
+        x.is_contiguous()
+        or (dims == 4 and x.is_contiguous(memory_format=torch.channels_last))
+        or (dims == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
+    )
+
+
 def _dense(x: Tensor) -> Tensor:
-    """x itself in a layout the kernels walk directly (contiguous, or channels_last for 4-D/5-D
-    input), else a contiguous copy; so that the output's layout is the fake kernels' too."""
-    if x.is_contiguous():
-        return x
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return x
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return x
-    return x.contiguous()
+    """x itself in a layout the kernels walk directly, else a contiguous copy; so that the
+    output's layout is the fake kernels' too."""
+    return x if dense_layout(x, x.dim()) else x.contiguous()
 
 
 if AVAILABLE:

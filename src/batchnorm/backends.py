@@ -487,13 +487,20 @@ COMPILED = Kernels(
     _compiled_kernel("backward_eval"),
 )
 
-_NATIVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Input dtype -> the dtype of its statistics and parameters on the native path (float16 and
+# bfloat16 input is computed in float32 with float32 parameters).
+NATIVE_COMPUTE_DTYPES = {
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
+}
 
 
 def native_takes(*tensors: Tensor) -> bool:
     """The native kernels can run on these tensors: CPU, a floating dtype they implement, no vmap
     dimension (the ops have no batching rule). O(1) checks, no layout queries."""
-    return all(t.device.type == "cpu" and t.dtype in _NATIVE_DTYPES and not is_batched(t) for t in tensors)
+    return all(t.device.type == "cpu" and t.dtype in NATIVE_COMPUTE_DTYPES and not is_batched(t) for t in tensors)
 
 
 def _native_forward_train(
@@ -546,15 +553,6 @@ for the rest."""
 NATIVE = Kernels(_native_forward_train, _native_forward_eval, _native_backward_train, _native_backward_eval)
 """The native kernels, for the inputs they take; the eager kernels for the rest."""
 
-# Input dtype -> the dtype of its statistics and parameters on the native path (float16 and
-# bfloat16 input is computed in float32 with float32 parameters).
-NATIVE_COMPUTE_DTYPES = {
-    torch.float32: torch.float32,
-    torch.float64: torch.float64,
-    torch.float16: torch.float32,
-    torch.bfloat16: torch.float32,
-}
-
 
 def native_call_allowed(*tensors: Tensor | None) -> bool:
     """A module may run its call as one native op (:meth:`batchnorm.BatchNorm._native_call`): the
@@ -569,16 +567,6 @@ def native_call_allowed(*tensors: Tensor | None) -> bool:
         and forward_ad._current_level < 0
         and torch._C._get_tracing_state() is None
         and not has_torch_function(tuple(t for t in tensors if t is not None))
-    )
-
-
-def dense_layout(x: Tensor, dims: int) -> bool:
-    """``x`` is in a layout the native kernels walk directly: contiguous, or channels_last for
-    4-D and 5-D input."""
-    return (
-        x.is_contiguous()
-        or (dims == 4 and x.is_contiguous(memory_format=torch.channels_last))
-        or (dims == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
     )
 
 

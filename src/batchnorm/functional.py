@@ -180,7 +180,7 @@ def native_call(
     shape = input.shape
     dims = len(shape)
     compute = backends.NATIVE_COMPUTE_DTYPES.get(input.dtype)
-    if dims < 2 or compute is None or not backends.dense_layout(input, dims):
+    if dims < 2 or compute is None or not _native.dense_layout(input, dims):
         return None
     channels = (shape[1],)
     for tensor in (weight, bias, running_mean, running_var):
